@@ -1,0 +1,269 @@
+//! The registry's wire: every request and response body of the v1 HTTP API, the error body
+//! and the header names. Shared by the server, the client library, the CLI and the gateway so
+//! that a field renamed in one place is renamed everywhere.
+
+use lockstep_core::{Instance, Release, Role, Status, StatusCounts, StoredRelease};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// Request bodies above this size are refused with 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Header a reconnecting SSE client sends with the last id it saw.
+pub const LAST_EVENT_ID: &str = "last-event-id";
+
+/// Error codes used in [`ErrorBody::error`].
+pub mod codes {
+    /// Malformed JSON, a missing field or a bad name.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// No or unknown bearer token.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The token's role does not allow the call.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// No release registered for the service.
+    pub const NO_RELEASE: &str = "no_release";
+    /// Something else that does not exist.
+    pub const NOT_FOUND: &str = "not_found";
+    /// A registration older than the expected release.
+    pub const DOWNGRADE: &str = "downgrade";
+    /// A rollback away from a release that is not rollback-safe.
+    pub const NOT_ROLLBACK_SAFE: &str = "not_rollback_safe";
+    /// Nothing to roll back to.
+    pub const NO_PREVIOUS_RELEASE: &str = "no_previous_release";
+    /// A conflicting name (e.g. a token name already in use).
+    pub const CONFLICT: &str = "conflict";
+    /// The body exceeds [`super::MAX_BODY_BYTES`].
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// The body is not `application/json`.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// The store failed; details are in the server log only.
+    pub const INTERNAL: &str = "internal";
+    /// The registry cannot serve now; reveals nothing else.
+    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+}
+
+/// Every error answer: `{"error": "<code>", "message": "<human text>"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable code, see [`codes`].
+    pub error: String,
+    /// What went wrong and, where possible, what to do about it.
+    pub message: String,
+}
+
+/// Body of `PUT /v1/envs/{env}/services/{svc}/release`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PutRelease {
+    /// The release; only `version_id` is required.
+    #[serde(flatten)]
+    pub release: Release,
+    /// Register even when the release is older than the expected one.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Body of `POST /v1/envs/{env}/services/{svc}/rollback` (all optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RollbackRequest {
+    /// The release to make expected; default: the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Roll back even from a release marked `rollback_safe: false`.
+    #[serde(default)]
+    pub force: bool,
+    /// Skip canary and analysis (the emergency path); recorded in the event.
+    #[serde(default)]
+    pub now: bool,
+}
+
+fn default_env() -> String {
+    lockstep_core::DEFAULT_ENV.to_string()
+}
+
+/// Body of `POST /v1/instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    /// Stable id of the process.
+    pub instance_id: String,
+    /// Environment (default `production`).
+    #[serde(default = "default_env")]
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// The release it runs.
+    pub version_id: String,
+    /// Baked commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_sha: Option<String>,
+    /// Build date.
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub build_date: Option<OffsetDateTime>,
+    /// Component versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, String>,
+    /// Host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Process start time.
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<OffsetDateTime>,
+    /// URL where the gateway and the agent reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Self-reported health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+}
+
+/// Answer to a heartbeat: one round-trip tells the instance whether it is current.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeartbeatAnswer {
+    /// `current`, `draining`, `stale` or `unknown`.
+    pub status: Status,
+    /// The expected release, or null when none is registered.
+    pub expected: Option<StoredRelease>,
+    /// How often to heartbeat.
+    pub heartbeat_secs: u64,
+    /// After this long without a heartbeat the instance is `missing`.
+    pub ttl_secs: u64,
+}
+
+/// An instance with its computed status, as `GET /v1/status` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceStatus {
+    /// The instance.
+    #[serde(flatten)]
+    pub instance: Instance,
+    /// Its status.
+    pub status: Status,
+    /// How long it has been stale or missing, in seconds.
+    pub drift_secs: u64,
+}
+
+/// One service in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// The expected release, or null.
+    pub expected: Option<StoredRelease>,
+    /// Its instances.
+    pub instances: Vec<InstanceStatus>,
+    /// Counts per status.
+    pub counts: StatusCounts,
+}
+
+/// One environment in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EnvStatus {
+    /// Environment name.
+    pub name: String,
+    /// Its services, by name.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatusReport {
+    /// Environments, by name.
+    pub environments: Vec<EnvStatus>,
+}
+
+/// History of a service, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleaseHistory {
+    /// Releases, newest first.
+    pub releases: Vec<StoredRelease>,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Monotonic id; the SSE id of the live stream.
+    pub id: i64,
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    /// What happened, e.g. `release_registered`, `release_rolled_back`, `token_created`.
+    pub kind: String,
+    /// Environment concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// Service concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The token name that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Details.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventPage {
+    /// Events with `id > since`, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreateToken {
+    /// Unique name; it is the actor recorded in events.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// A new token, shown once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreatedToken {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// The secret; the registry keeps only its hash.
+    pub token: String,
+}
+
+/// A token as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenList {
+    /// Active tokens.
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` (readiness only).
+    pub status: String,
+}

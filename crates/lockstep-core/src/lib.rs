@@ -1,0 +1,25 @@
+//! The lockstep domain: what a release is, what an instance runs, how the two are compared,
+//! and how a source tree's version is detected.
+//!
+//! Nothing here talks to a network or a database; every other crate builds on these types
+//! so that the server, the stores, the client library and the CLI agree on one meaning of
+//! "current", "stale" and "downgrade".
+
+pub mod detect;
+pub mod error;
+pub mod instance;
+pub mod names;
+pub mod release;
+pub mod role;
+
+pub use error::CoreError;
+pub use instance::{Instance, Status, StatusCounts, drift_secs, instance_status};
+pub use names::{short_id, validate_name, validate_version_id};
+pub use release::{
+    Decision, HistoryEntry, RegistrationKind, Release, StoredRelease, decide_registration,
+    releases_agree, rollback_target,
+};
+pub use role::Role;
+
+/// The environment used when none is given.
+pub const DEFAULT_ENV: &str = "production";
