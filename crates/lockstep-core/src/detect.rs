@@ -114,7 +114,9 @@ pub fn components(dir: &Path) -> Result<BTreeMap<String, String>, DetectError> {
         path: path.display().to_string(),
         message,
     };
-    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| toml_err(e.to_string()))?;
+    let doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| toml_err(e.to_string()))?;
     let mut out = BTreeMap::new();
     if let Some(table) = doc.get("components") {
         let table = table
@@ -136,7 +138,14 @@ mod tests {
 
     fn sh(dir: &Path, args: &[&str]) {
         let ok = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+            ])
             .args(args)
             .current_dir(dir)
             .output()
@@ -152,7 +161,10 @@ mod tests {
         let d = dir.path();
         // No git, no file.
         let got = detect(d).expect("detect");
-        assert_eq!((got.version.as_str(), got.source), ("dev-unknown", Source::Unknown));
+        assert_eq!(
+            (got.version.as_str(), got.source),
+            ("dev-unknown", Source::Unknown)
+        );
         assert_eq!(got.git_sha, UNKNOWN);
 
         sh(d, &["init", "-q"]);
@@ -166,11 +178,17 @@ mod tests {
 
         sh(d, &["tag", "v1.4.0"]);
         let got = detect(d).expect("detect");
-        assert_eq!((got.version.as_str(), got.source), ("v1.4.0", Source::GitTag));
+        assert_eq!(
+            (got.version.as_str(), got.source),
+            ("v1.4.0", Source::GitTag)
+        );
 
         std::fs::write(d.join("VERSION"), "2.0.0\n").expect("write");
         let got = detect(d).expect("detect");
-        assert_eq!((got.version.as_str(), got.source), ("2.0.0", Source::VersionFile));
+        assert_eq!(
+            (got.version.as_str(), got.source),
+            ("2.0.0", Source::VersionFile)
+        );
     }
 
     #[test]

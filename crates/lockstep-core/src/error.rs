@@ -4,7 +4,9 @@
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
     /// A service or environment name that does not match `^[a-z0-9][a-z0-9._-]{0,63}$`.
-    #[error("invalid {kind} name {name:?}: use 1-64 characters a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
+    #[error(
+        "invalid {kind} name {name:?}: use 1-64 characters a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+    )]
     InvalidName {
         /// `service` or `environment`.
         kind: &'static str,
@@ -15,10 +17,14 @@ pub enum CoreError {
     #[error("invalid version_id: {0}")]
     InvalidVersionId(&'static str),
     /// The new release is older (by `build_date`) than the expected one.
-    #[error("refusing a downgrade: the new release was built before the expected one (use force or a rollback)")]
+    #[error(
+        "refusing a downgrade: the new release was built before the expected one (use force or a rollback)"
+    )]
     Downgrade,
     /// Rolling back from a release that ran a migration an older release cannot read.
-    #[error("the expected release is marked rollback_safe=false; force the rollback if you are sure")]
+    #[error(
+        "the expected release is marked rollback_safe=false; force the rollback if you are sure"
+    )]
     NotRollbackSafe,
     /// Nothing to roll back to.
     #[error("no earlier release to roll back to")]

@@ -21,7 +21,11 @@ pub struct Instance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_sha: Option<String>,
     /// Its build date.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub build_date: Option<OffsetDateTime>,
     /// Component versions it reports.
@@ -34,7 +38,11 @@ pub struct Instance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     /// When the process started.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<OffsetDateTime>,
     /// When the registry first heard of it with this version id.
@@ -176,7 +184,11 @@ mod tests {
             (None, "v2", true, Status::Missing),
         ];
         for (expected, running, missing, want) in cases {
-            assert_eq!(instance_status(expected, running, &none, missing), want, "{running}");
+            assert_eq!(
+                instance_status(expected, running, &none, missing),
+                want,
+                "{running}"
+            );
         }
     }
 
@@ -204,8 +216,26 @@ mod tests {
         let now = datetime!(2026-11-01 11:00 UTC);
         let i = inst();
         assert_eq!(drift_secs(Status::Current, now, &i, None, 30), 0);
-        assert_eq!(drift_secs(Status::Stale, now, &i, Some(datetime!(2026-11-01 10:30 UTC)), 30), 1800);
-        assert_eq!(drift_secs(Status::Stale, now, &i, Some(datetime!(2026-11-01 9:00 UTC)), 30), 3600);
+        assert_eq!(
+            drift_secs(
+                Status::Stale,
+                now,
+                &i,
+                Some(datetime!(2026-11-01 10:30 UTC)),
+                30
+            ),
+            1800
+        );
+        assert_eq!(
+            drift_secs(
+                Status::Stale,
+                now,
+                &i,
+                Some(datetime!(2026-11-01 9:00 UTC)),
+                30
+            ),
+            3600
+        );
         // Missing: since last_seen + ttl.
         assert_eq!(drift_secs(Status::Missing, now, &i, None, 60), 3240);
     }

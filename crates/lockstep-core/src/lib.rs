@@ -6,12 +6,14 @@
 //! "current", "stale" and "downgrade".
 
 pub mod detect;
+pub mod duration;
 pub mod error;
 pub mod instance;
 pub mod names;
 pub mod release;
 pub mod role;
 
+pub use duration::{format_secs, parse_duration};
 pub use error::CoreError;
 pub use instance::{Instance, Status, StatusCounts, drift_secs, instance_status};
 pub use names::{short_id, validate_name, validate_version_id};

@@ -27,11 +27,19 @@ pub struct Release {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_sha: Option<String>,
     /// When the release was built; used to refuse downgrades.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub build_date: Option<OffsetDateTime>,
     /// When it was deployed; set by the registry when absent.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub deployed_at: Option<OffsetDateTime>,
     /// Component name → version; compared where both sides report them.
@@ -238,7 +246,12 @@ mod tests {
     fn same_version_id_is_idempotent() {
         let cur = rel("a", None);
         assert_eq!(
-            decide_registration(Some(&cur), &rel("a", None), RegistrationKind::Register, false),
+            decide_registration(
+                Some(&cur),
+                &rel("a", None),
+                RegistrationKind::Register,
+                false
+            ),
             Ok(Decision::Unchanged)
         );
     }
@@ -248,8 +261,14 @@ mod tests {
         let cur = rel("new", Some(datetime!(2026-11-02 0:00 UTC)));
         let old = rel("old", Some(datetime!(2026-11-01 0:00 UTC)));
         let reg = RegistrationKind::Register;
-        assert_eq!(decide_registration(Some(&cur), &old, reg, false), Err(CoreError::Downgrade));
-        assert_eq!(decide_registration(Some(&cur), &old, reg, true), Ok(Decision::Apply));
+        assert_eq!(
+            decide_registration(Some(&cur), &old, reg, false),
+            Err(CoreError::Downgrade)
+        );
+        assert_eq!(
+            decide_registration(Some(&cur), &old, reg, true),
+            Ok(Decision::Apply)
+        );
         assert_eq!(
             decide_registration(Some(&cur), &old, RegistrationKind::Rollback, false),
             Ok(Decision::Apply)
@@ -270,7 +289,10 @@ mod tests {
             decide_registration(Some(&cur), &rel("a", None), k, false),
             Err(CoreError::NotRollbackSafe)
         );
-        assert_eq!(decide_registration(Some(&cur), &rel("a", None), k, true), Ok(Decision::Apply));
+        assert_eq!(
+            decide_registration(Some(&cur), &rel("a", None), k, true),
+            Ok(Decision::Apply)
+        );
     }
 
     #[test]
@@ -288,19 +310,42 @@ mod tests {
     }
 
     fn h(revision: i64, id: &str, kind: RegistrationKind) -> HistoryEntry {
-        HistoryEntry { revision, version_id: id.into(), kind }
+        HistoryEntry {
+            revision,
+            version_id: id.into(),
+            kind,
+        }
     }
 
     #[test]
     fn repeated_rollbacks_walk_back_through_history() {
         use RegistrationKind::*;
-        let mut hist = vec![h(3, "v3", Register), h(2, "v2", Register), h(1, "v1", Register)];
-        assert_eq!(rollback_target(&hist, "v3", None).map(|e| e.version_id.as_str()), Ok("v2"));
+        let mut hist = vec![
+            h(3, "v3", Register),
+            h(2, "v2", Register),
+            h(1, "v1", Register),
+        ];
+        assert_eq!(
+            rollback_target(&hist, "v3", None).map(|e| e.version_id.as_str()),
+            Ok("v2")
+        );
         hist.insert(0, h(4, "v2", Rollback));
-        assert_eq!(rollback_target(&hist, "v2", None).map(|e| e.version_id.as_str()), Ok("v1"));
+        assert_eq!(
+            rollback_target(&hist, "v2", None).map(|e| e.version_id.as_str()),
+            Ok("v1")
+        );
         hist.insert(0, h(5, "v1", Rollback));
-        assert_eq!(rollback_target(&hist, "v1", None), Err(CoreError::NoPreviousRelease));
-        assert_eq!(rollback_target(&hist, "v1", Some("v3")).map(|e| e.revision), Ok(3));
-        assert_eq!(rollback_target(&hist, "v1", Some("nope")), Err(CoreError::UnknownRollbackTarget));
+        assert_eq!(
+            rollback_target(&hist, "v1", None),
+            Err(CoreError::NoPreviousRelease)
+        );
+        assert_eq!(
+            rollback_target(&hist, "v1", Some("v3")).map(|e| e.revision),
+            Ok(3)
+        );
+        assert_eq!(
+            rollback_target(&hist, "v1", Some("nope")),
+            Err(CoreError::UnknownRollbackTarget)
+        );
     }
 }

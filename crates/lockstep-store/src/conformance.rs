@@ -34,7 +34,9 @@ fn rb(service: &str, to: Option<&str>) -> Rollback {
 }
 
 fn instance(id: &str, version: &str) -> Instance {
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(datetime!(2026-01-01 0:00 UTC));
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(datetime!(2026-01-01 0:00 UTC));
     Instance {
         instance_id: id.into(),
         env: "production".into(),
@@ -67,18 +69,50 @@ pub async fn run(store: &dyn Store) {
 }
 
 async fn registrations_get_increasing_revisions_and_history(store: &dyn Store) {
-    assert!(store.expected("production", "a").await.expect("read").is_none());
-    let r1 = store.register(reg("a", "a1", None, false)).await.expect("register a1");
-    let r2 = store.register(reg("b", "b1", None, false)).await.expect("register b1");
-    let r3 = store.register(reg("a", "a2", None, false)).await.expect("register a2");
+    assert!(
+        store
+            .expected("production", "a")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    let r1 = store
+        .register(reg("a", "a1", None, false))
+        .await
+        .expect("register a1");
+    let r2 = store
+        .register(reg("b", "b1", None, false))
+        .await
+        .expect("register b1");
+    let r3 = store
+        .register(reg("a", "a2", None, false))
+        .await
+        .expect("register a2");
     assert!(r1.changed && r2.changed && r3.changed);
     assert!(r1.release.revision < r2.release.revision && r2.release.revision < r3.release.revision);
     assert_eq!(r3.release.release.actor.as_deref(), Some("ci"));
     // Services are independent.
-    let a = store.expected("production", "a").await.expect("read").expect("a has a release");
-    let b = store.expected("production", "b").await.expect("read").expect("b has a release");
-    assert_eq!((a.release.version_id.as_str(), b.release.version_id.as_str()), ("a2", "b1"));
-    assert!(store.expected("staging", "a").await.expect("read").is_none());
+    let a = store
+        .expected("production", "a")
+        .await
+        .expect("read")
+        .expect("a has a release");
+    let b = store
+        .expected("production", "b")
+        .await
+        .expect("read")
+        .expect("b has a release");
+    assert_eq!(
+        (a.release.version_id.as_str(), b.release.version_id.as_str()),
+        ("a2", "b1")
+    );
+    assert!(
+        store
+            .expected("staging", "a")
+            .await
+            .expect("read")
+            .is_none()
+    );
     let hist = store.history("production", "a", 10).await.expect("history");
     let ids: Vec<_> = hist.iter().map(|r| r.release.version_id.as_str()).collect();
     assert_eq!(ids, ["a2", "a1"], "history is newest first");
@@ -87,31 +121,63 @@ async fn registrations_get_increasing_revisions_and_history(store: &dyn Store) {
 }
 
 async fn reregistering_the_expected_release_is_idempotent(store: &dyn Store) {
-    let first = store.register(reg("idem", "x1", None, false)).await.expect("register");
-    let again = store.register(reg("idem", "x1", None, false)).await.expect("register again");
+    let first = store
+        .register(reg("idem", "x1", None, false))
+        .await
+        .expect("register");
+    let again = store
+        .register(reg("idem", "x1", None, false))
+        .await
+        .expect("register again");
     assert!(!again.changed && again.event.is_none());
     assert_eq!(first.release.revision, again.release.revision);
-    assert_eq!(store.history("production", "idem", 10).await.expect("history").len(), 1);
+    assert_eq!(
+        store
+            .history("production", "idem", 10)
+            .await
+            .expect("history")
+            .len(),
+        1
+    );
 }
 
 async fn downgrades_are_refused_unless_forced(store: &dyn Store) {
     let newer = Some(datetime!(2026-11-02 0:00 UTC));
     let older = Some(datetime!(2026-11-01 0:00 UTC));
-    store.register(reg("dg", "new", newer, false)).await.expect("register new");
+    store
+        .register(reg("dg", "new", newer, false))
+        .await
+        .expect("register new");
     let err = store.register(reg("dg", "old", older, false)).await;
     assert!(
-        matches!(err, Err(StoreError::Rule(lockstep_core::CoreError::Downgrade))),
+        matches!(
+            err,
+            Err(StoreError::Rule(lockstep_core::CoreError::Downgrade))
+        ),
         "a downgrade must be refused, got {err:?}"
     );
-    let cur = store.expected("production", "dg").await.expect("read").expect("release");
-    assert_eq!(cur.release.version_id, "new", "a refused registration writes nothing");
-    let forced = store.register(reg("dg", "old", older, true)).await.expect("forced");
+    let cur = store
+        .expected("production", "dg")
+        .await
+        .expect("read")
+        .expect("release");
+    assert_eq!(
+        cur.release.version_id, "new",
+        "a refused registration writes nothing"
+    );
+    let forced = store
+        .register(reg("dg", "old", older, true))
+        .await
+        .expect("forced");
     assert!(forced.changed);
 }
 
 async fn rollbacks_walk_back_and_are_logged(store: &dyn Store) {
     for id in ["r1", "r2", "r3"] {
-        store.register(reg("rb", id, None, false)).await.expect("register");
+        store
+            .register(reg("rb", id, None, false))
+            .await
+            .expect("register");
     }
     let back = store.rollback(rb("rb", None)).await.expect("rollback");
     assert_eq!(back.release.release.version_id, "r2");
@@ -120,13 +186,21 @@ async fn rollbacks_walk_back_and_are_logged(store: &dyn Store) {
     let ev = back.event.expect("rollback event");
     assert_eq!(ev.kind, "release_rolled_back");
     assert_eq!(ev.data["previous_version_id"], "r3");
-    let back = store.rollback(rb("rb", None)).await.expect("rollback again");
+    let back = store
+        .rollback(rb("rb", None))
+        .await
+        .expect("rollback again");
     assert_eq!(back.release.release.version_id, "r1");
     assert!(matches!(
         store.rollback(rb("rb", None)).await,
-        Err(StoreError::Rule(lockstep_core::CoreError::NoPreviousRelease))
+        Err(StoreError::Rule(
+            lockstep_core::CoreError::NoPreviousRelease
+        ))
     ));
-    let to = store.rollback(rb("rb", Some("r3"))).await.expect("rollback to r3");
+    let to = store
+        .rollback(rb("rb", Some("r3")))
+        .await
+        .expect("rollback to r3");
     assert_eq!(to.release.release.version_id, "r3");
     assert!(matches!(
         store.rollback(rb("nothing-here", None)).await,
@@ -141,12 +215,24 @@ async fn rollbacks_walk_back_and_are_logged(store: &dyn Store) {
     ));
     let mut forced = rb("rb", None);
     forced.force = true;
-    assert_eq!(store.rollback(forced).await.expect("forced").release.release.version_id, "r3");
+    assert_eq!(
+        store
+            .rollback(forced)
+            .await
+            .expect("forced")
+            .release
+            .release
+            .version_id,
+        "r3"
+    );
 }
 
 async fn changes_since_resumes_without_gaps(store: &dyn Store) {
     let all = store.changes_since(0, 10_000).await.expect("changes");
-    assert!(all.windows(2).all(|w| w[0].revision < w[1].revision), "oldest first");
+    assert!(
+        all.windows(2).all(|w| w[0].revision < w[1].revision),
+        "oldest first"
+    );
     let mid = all[all.len() / 2].revision;
     let tail = store.changes_since(mid, 10_000).await.expect("changes");
     assert_eq!(tail.len(), all.iter().filter(|r| r.revision > mid).count());
@@ -157,7 +243,10 @@ async fn changes_since_resumes_without_gaps(store: &dyn Store) {
 
 async fn events_are_appended_in_order(store: &dyn Store) {
     let before = store.events_since(0, 10_000).await.expect("events");
-    assert!(before.iter().any(|e| e.kind == "release_registered"), "registrations are logged");
+    assert!(
+        before.iter().any(|e| e.kind == "release_registered"),
+        "registrations are logged"
+    );
     let last = before.last().map(|e| e.id).unwrap_or(0);
     let e = store
         .append_event(NewEvent {
@@ -182,13 +271,22 @@ async fn tokens_are_unique_and_revocable(store: &dyn Store) {
         hash: hash.into(),
         created_at: datetime!(2026-11-01 0:00 UTC),
     };
-    store.create_token(t("ci", "h1", Role::Deployer)).await.expect("create");
+    store
+        .create_token(t("ci", "h1", Role::Deployer))
+        .await
+        .expect("create");
     assert!(matches!(
         store.create_token(t("ci", "h2", Role::Viewer)).await,
         Err(StoreError::Conflict(_))
     ));
-    store.upsert_token(t("admin", "h3", Role::Admin)).await.expect("upsert");
-    store.upsert_token(t("admin", "h4", Role::Admin)).await.expect("upsert again");
+    store
+        .upsert_token(t("admin", "h3", Role::Admin))
+        .await
+        .expect("upsert");
+    store
+        .upsert_token(t("admin", "h4", Role::Admin))
+        .await
+        .expect("upsert again");
     let all = store.tokens().await.expect("tokens");
     assert_eq!(all.len(), 2);
     assert!(all.iter().any(|x| x.name == "admin" && x.hash == "h4"));
@@ -200,12 +298,21 @@ async fn tokens_are_unique_and_revocable(store: &dyn Store) {
 async fn instances_round_trip(store: &dyn Store) {
     let a = instance("i-a", "v1");
     let mut b = instance("i-b", "v1");
-    store.save_instances(&[a.clone(), b.clone()]).await.expect("save");
+    store
+        .save_instances(&[a.clone(), b.clone()])
+        .await
+        .expect("save");
     b.version_id = "v2".into();
-    store.save_instances(std::slice::from_ref(&b)).await.expect("update");
+    store
+        .save_instances(std::slice::from_ref(&b))
+        .await
+        .expect("update");
     let mut got = store.load_instances().await.expect("load");
     got.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
     assert_eq!(got, vec![a, b]);
-    store.delete_instances(&["i-a".to_string()]).await.expect("delete");
+    store
+        .delete_instances(&["i-a".to_string()])
+        .await
+        .expect("delete");
     assert_eq!(store.load_instances().await.expect("load").len(), 1);
 }

@@ -106,15 +106,28 @@ pub trait Store: Send + Sync + 'static {
     /// Makes an earlier release expected again (rules: `lockstep_core::rollback_target`).
     async fn rollback(&self, rb: Rollback) -> Result<Registered, StoreError>;
     /// The expected release of one service.
-    async fn expected(&self, env: &str, service: &str) -> Result<Option<StoredRelease>, StoreError>;
+    async fn expected(&self, env: &str, service: &str)
+    -> Result<Option<StoredRelease>, StoreError>;
     /// Every expected release (to warm the server's cache).
     async fn all_expected(&self) -> Result<Vec<StoredRelease>, StoreError>;
     /// A service's history, newest first.
-    async fn history(&self, env: &str, service: &str, limit: u32) -> Result<Vec<StoredRelease>, StoreError>;
+    async fn history(
+        &self,
+        env: &str,
+        service: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredRelease>, StoreError>;
     /// Every change with `revision > since`, oldest first, at most `limit`.
-    async fn changes_since(&self, since: i64, limit: u32) -> Result<Vec<StoredRelease>, StoreError>;
+    async fn changes_since(&self, since: i64, limit: u32)
+    -> Result<Vec<StoredRelease>, StoreError>;
     /// Appends an event.
-    async fn append_event(&self, ev: NewEvent) -> Result<Event, StoreError>;
+    async fn append_event(&self, ev: NewEvent) -> Result<Event, StoreError> {
+        let mut v = self.append_events(vec![ev]).await?;
+        v.pop()
+            .ok_or_else(|| StoreError::Corrupt("no event written".into()))
+    }
+    /// Appends several events in one transaction, in order.
+    async fn append_events(&self, evs: Vec<NewEvent>) -> Result<Vec<Event>, StoreError>;
     /// Events with `id > since`, oldest first, at most `limit`.
     async fn events_since(&self, since: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
     /// Creates a token; `Conflict` when the name is taken.

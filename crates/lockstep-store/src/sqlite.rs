@@ -159,10 +159,7 @@ async fn expected_in(
     row.as_ref().map(release_from_row).transpose()
 }
 
-async fn insert_event(
-    tx: &mut Transaction<'_, Sqlite>,
-    ev: NewEvent,
-) -> Result<Event, StoreError> {
+async fn insert_event(tx: &mut Transaction<'_, Sqlite>, ev: NewEvent) -> Result<Event, StoreError> {
     let at = OffsetDateTime::now_utc();
     let data = serde_json::to_string(&ev.data)?;
     let id: i64 = sqlx::query_scalar(
@@ -231,11 +228,7 @@ async fn apply(
         registered_at: now,
         release,
     };
-    let event = insert_event(
-        tx,
-        crate::registration_event(&stored, previous, event_data),
-    )
-    .await?;
+    let event = insert_event(tx, crate::registration_event(&stored, previous, event_data)).await?;
     Ok((stored, event))
 }
 
@@ -255,7 +248,11 @@ impl Store for SqliteStore {
         )?;
         if let (Decision::Unchanged, Some(current)) = (decision, current.clone()) {
             tx.rollback().await?;
-            return Ok(Registered { release: current, changed: false, event: None });
+            return Ok(Registered {
+                release: current,
+                changed: false,
+                event: None,
+            });
         }
         let data = serde_json::json!({ "force": reg.force });
         let (stored, event) = apply(
@@ -269,14 +266,21 @@ impl Store for SqliteStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(Registered { release: stored, changed: true, event: Some(event) })
+        Ok(Registered {
+            release: stored,
+            changed: true,
+            event: Some(event),
+        })
     }
 
     async fn rollback(&self, rb: Rollback) -> Result<Registered, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let current = expected_in(&mut tx, &rb.env, &rb.service).await?.ok_or_else(|| {
-            StoreError::NoRelease { env: rb.env.clone(), service: rb.service.clone() }
-        })?;
+        let current = expected_in(&mut tx, &rb.env, &rb.service)
+            .await?
+            .ok_or_else(|| StoreError::NoRelease {
+                env: rb.env.clone(),
+                service: rb.service.clone(),
+            })?;
         let rows = sqlx::query(
             "SELECT revision, version_id, kind FROM releases \
              WHERE env = ? AND service = ? ORDER BY revision DESC",
@@ -304,11 +308,19 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let mut release = release_from_row(&row)?.release;
-        if decide_registration(Some(&current.release), &release, RegistrationKind::Rollback, rb.force)?
-            == Decision::Unchanged
+        if decide_registration(
+            Some(&current.release),
+            &release,
+            RegistrationKind::Rollback,
+            rb.force,
+        )? == Decision::Unchanged
         {
             tx.rollback().await?;
-            return Ok(Registered { release: current, changed: false, event: None });
+            return Ok(Registered {
+                release: current,
+                changed: false,
+                event: None,
+            });
         }
         release.actor = Some(rb.actor);
         release.reason = rb.reason;
@@ -323,10 +335,18 @@ impl Store for SqliteStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(Registered { release: stored, changed: true, event: Some(event) })
+        Ok(Registered {
+            release: stored,
+            changed: true,
+            event: Some(event),
+        })
     }
 
-    async fn expected(&self, env: &str, service: &str) -> Result<Option<StoredRelease>, StoreError> {
+    async fn expected(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<StoredRelease>, StoreError> {
         let mut tx = self.reader.begin().await?;
         let r = expected_in(&mut tx, env, service).await?;
         tx.commit().await?;
@@ -345,7 +365,12 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn history(&self, env: &str, service: &str, limit: u32) -> Result<Vec<StoredRelease>, StoreError> {
+    async fn history(
+        &self,
+        env: &str,
+        service: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredRelease>, StoreError> {
         sqlx::query(concat!(
             "SELECT revision, env, service, version_id, kind, registered_at, body FROM releases",
             " WHERE env = ? AND service = ? ORDER BY revision DESC LIMIT ?"
@@ -360,7 +385,11 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn changes_since(&self, since: i64, limit: u32) -> Result<Vec<StoredRelease>, StoreError> {
+    async fn changes_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRelease>, StoreError> {
         sqlx::query(concat!(
             "SELECT revision, env, service, version_id, kind, registered_at, body FROM releases",
             " WHERE revision > ? ORDER BY revision LIMIT ?"
@@ -374,11 +403,14 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn append_event(&self, ev: NewEvent) -> Result<Event, StoreError> {
+    async fn append_events(&self, evs: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let e = insert_event(&mut tx, ev).await?;
+        let mut out = Vec::with_capacity(evs.len());
+        for ev in evs {
+            out.push(insert_event(&mut tx, ev).await?);
+        }
         tx.commit().await?;
-        Ok(e)
+        Ok(out)
     }
 
     async fn events_since(&self, since: i64, limit: u32) -> Result<Vec<Event>, StoreError> {

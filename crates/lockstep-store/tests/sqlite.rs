@@ -28,6 +28,10 @@ async fn sqlite_store_keeps_releases_across_reopen_and_migrates_once() {
         store.close().await;
     }
     let store = SqliteStore::open(dir.path()).await.expect("reopen");
-    let got = store.expected("production", "svc").await.expect("read").expect("release kept");
+    let got = store
+        .expected("production", "svc")
+        .await
+        .expect("read")
+        .expect("release kept");
     assert_eq!(got.release.version_id, "v1");
 }

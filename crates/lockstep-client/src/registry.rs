@@ -1,0 +1,301 @@
+//! The registry HTTP client with ordered failover.
+
+use lockstep_api::{
+    CreateToken, CreatedToken, ErrorBody, EventPage, Heartbeat, HeartbeatAnswer, PutRelease,
+    ReleaseHistory, RollbackRequest, StatusReport, TokenList,
+};
+use lockstep_core::{Role, StoredRelease};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No registry URL answered (connection refused, timeout, DNS, TLS).
+    #[error("could not reach the registry ({urls}): {message}")]
+    Unreachable {
+        /// The URLs tried.
+        urls: String,
+        /// The last transport error.
+        message: String,
+    },
+    /// The registry answered with an error status.
+    #[error("registry answered {status}: {} ({})", body.message, body.error)]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body (synthesised when the registry sent none).
+        body: ErrorBody,
+    },
+    /// The registry answered 2xx with a body that does not parse.
+    #[error("unexpected answer from the registry: {0}")]
+    Decode(String),
+    /// A registry URL that does not parse.
+    #[error("invalid registry URL {0:?}: use http://host:port")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client for one registry or an ordered list of replicas.
+pub struct RegistryClient {
+    bases: Vec<reqwest::Url>,
+    token: Option<String>,
+    http: reqwest::Client,
+    /// Index of the URL that answered last; tried first next time.
+    preferred: AtomicUsize,
+}
+
+impl RegistryClient {
+    /// A client for `urls` (comma-separated in order of preference) presenting `token`.
+    pub fn new(urls: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let bases = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                let with_slash = if u.ends_with('/') {
+                    u.to_string()
+                } else {
+                    format!("{u}/")
+                };
+                reqwest::Url::parse(&with_slash)
+                    .ok()
+                    .filter(|p| matches!(p.scheme(), "http" | "https"))
+                    .ok_or_else(|| ClientError::BadUrl(u.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if bases.is_empty() {
+            return Err(ClientError::BadUrl(urls.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                urls: urls.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(RegistryClient {
+            bases,
+            token: token.filter(|t| !t.is_empty()),
+            http,
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// The registry URLs, in order.
+    pub fn urls(&self) -> String {
+        self.bases
+            .iter()
+            .map(|u| u.as_str().trim_end_matches('/'))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Sends one request, failing over on transport errors only: an answer, even an error
+    /// status, comes from a registry that is up and is returned as is.
+    async fn send<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let n = self.bases.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = String::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let url = self.bases[i]
+                .join(path.trim_start_matches('/'))
+                .map_err(|_| ClientError::BadUrl(path.into()))?;
+            let mut req = self.http.request(method.clone(), url);
+            if !query.is_empty() {
+                req = req.query(query);
+            }
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    tracing::debug!(url = %self.bases[i], error = %e, "registry unreachable, trying the next");
+                    last_err = e.to_string();
+                }
+            }
+        }
+        Err(ClientError::Unreachable {
+            urls: self.urls(),
+            message: last_err,
+        })
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, query, body).await?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn call_empty(&self, method: Method, path: &str) -> Result<(), ClientError> {
+        let resp = self.send::<()>(method, path, &[], None).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        Err(api_error(status, &bytes))
+    }
+
+    /// The expected release, or `None` when nothing is registered (404 `no_release`).
+    pub async fn release(
+        &self,
+        env: &str,
+        service: &str,
+    ) -> Result<Option<StoredRelease>, ClientError> {
+        match self
+            .call::<(), _>(Method::GET, &release_path(env, service), &[], None)
+            .await
+        {
+            Err(ClientError::Api { status: 404, body })
+                if body.error == lockstep_api::codes::NO_RELEASE =>
+            {
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+
+    /// Registers a release.
+    pub async fn put_release(
+        &self,
+        env: &str,
+        service: &str,
+        body: &PutRelease,
+    ) -> Result<StoredRelease, ClientError> {
+        self.call(Method::PUT, &release_path(env, service), &[], Some(body))
+            .await
+    }
+
+    /// Release history, newest first.
+    pub async fn history(
+        &self,
+        env: &str,
+        service: &str,
+        limit: u32,
+    ) -> Result<ReleaseHistory, ClientError> {
+        let path = format!("v1/envs/{env}/services/{service}/releases");
+        self.call::<(), _>(Method::GET, &path, &[("limit", limit.to_string())], None)
+            .await
+    }
+
+    /// Rolls back.
+    pub async fn rollback(
+        &self,
+        env: &str,
+        service: &str,
+        body: &RollbackRequest,
+    ) -> Result<StoredRelease, ClientError> {
+        let path = format!("v1/envs/{env}/services/{service}/rollback");
+        self.call(Method::POST, &path, &[], Some(body)).await
+    }
+
+    /// The fleet status, optionally filtered.
+    pub async fn status(
+        &self,
+        env: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<StatusReport, ClientError> {
+        let mut q = Vec::new();
+        if let Some(e) = env {
+            q.push(("env", e.to_string()));
+        }
+        if let Some(s) = service {
+            q.push(("service", s.to_string()));
+        }
+        self.call::<(), _>(Method::GET, "v1/status", &q, None).await
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAnswer, ClientError> {
+        self.call(Method::POST, "v1/instances", &[], Some(hb)).await
+    }
+
+    /// Deregisters an instance.
+    pub async fn deregister(&self, instance_id: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &format!("v1/instances/{instance_id}"))
+            .await
+    }
+
+    /// The event log after `since`.
+    pub async fn events(&self, since: i64, limit: u32) -> Result<EventPage, ClientError> {
+        let q = [("since", since.to_string()), ("limit", limit.to_string())];
+        self.call::<(), _>(Method::GET, "v1/events", &q, None).await
+    }
+
+    /// Creates a token.
+    pub async fn create_token(&self, name: &str, role: Role) -> Result<CreatedToken, ClientError> {
+        let body = CreateToken {
+            name: name.to_string(),
+            role,
+        };
+        self.call(Method::POST, "v1/tokens", &[], Some(&body)).await
+    }
+
+    /// Lists tokens.
+    pub async fn list_tokens(&self) -> Result<TokenList, ClientError> {
+        self.call::<(), _>(Method::GET, "v1/tokens", &[], None)
+            .await
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        self.call_empty(Method::DELETE, &format!("v1/tokens/{name}"))
+            .await
+    }
+}
+
+fn release_path(env: &str, service: &str) -> String {
+    format!("v1/envs/{env}/services/{service}/release")
+}
+
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    let body = serde_json::from_slice::<ErrorBody>(bytes).unwrap_or_else(|_| ErrorBody {
+        error: "http_error".into(),
+        message: status.canonical_reason().unwrap_or("error").to_string(),
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        body,
+    }
+}

@@ -1,0 +1,216 @@
+//! The lockstep registry (`lockstep serve`): the v1 HTTP API over a [`Store`], the watch hub
+//! that pushes release changes to workers, token authentication, and instance tracking.
+//!
+//! Entry points: [`Registry::open`] prepares state from a store (warming caches and the
+//! bootstrap admin token), [`Registry::router`] is the axum router (tests drive it with
+//! `oneshot` or over a socket), and [`Registry::serve`] runs it until the shutdown future
+//! resolves, then drains streams and flushes heartbeats.
+
+mod admin;
+mod auth;
+mod error;
+mod instances;
+mod json;
+mod openapi;
+mod releases;
+mod state;
+mod status;
+mod stream;
+
+pub use auth::{generate_token, hash_token};
+pub use error::ApiError;
+pub use openapi::ApiDoc;
+pub use state::Config;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use lockstep_core::Role;
+use lockstep_store::{Store, StoreError, StoredToken};
+use std::sync::{Arc, Mutex, RwLock};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+use crate::auth::{Principal, TokenSet};
+use crate::state::{AppState, Change, Counters, Tracked};
+
+/// Name of the bootstrap admin token.
+pub const BOOTSTRAP_TOKEN_NAME: &str = "admin";
+
+/// Errors starting the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed while loading state.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The socket failed.
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A registry ready to serve.
+pub struct Registry {
+    state: Arc<AppState>,
+    shutdown_tx: watch::Sender<bool>,
+    /// The bootstrap admin token when it was generated now (first start): print it once.
+    pub generated_admin_token: Option<String>,
+}
+
+impl Registry {
+    /// Loads state from `store`. With `admin_token`, that secret becomes the `admin` token;
+    /// without, a token is generated only when the store has none at all.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: Config,
+        admin_token: Option<&str>,
+    ) -> Result<Registry, ServeError> {
+        let mut generated = None;
+        let bootstrap = match admin_token {
+            Some(t) => Some(t.to_string()),
+            None if store.tokens().await?.is_empty() => {
+                let t = generate_token();
+                generated = Some(t.clone());
+                Some(t)
+            }
+            None => None,
+        };
+        if let Some(t) = bootstrap {
+            store
+                .upsert_token(StoredToken {
+                    name: BOOTSTRAP_TOKEN_NAME.into(),
+                    role: Role::Admin,
+                    hash: hex::encode(hash_token(&t)),
+                    created_at: OffsetDateTime::now_utc(),
+                })
+                .await?;
+        }
+        let tokens = TokenSet::default();
+        let mut entries = Vec::new();
+        for t in store.tokens().await? {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&t.hash, &mut hash).is_ok() {
+                entries.push((
+                    hash,
+                    Principal {
+                        name: t.name,
+                        role: t.role,
+                    },
+                ));
+            }
+        }
+        tokens.replace(entries);
+        let mut releases: std::collections::HashMap<
+            String,
+            std::collections::HashMap<String, Arc<Change>>,
+        > = Default::default();
+        for r in store.all_expected().await? {
+            releases
+                .entry(r.env.clone())
+                .or_default()
+                .insert(r.service.clone(), Change::new(r));
+        }
+        let instances = store
+            .load_instances()
+            .await?
+            .into_iter()
+            .map(|i| {
+                (
+                    i.instance_id.clone(),
+                    Tracked {
+                        instance: i,
+                        reported_missing: false,
+                    },
+                )
+            })
+            .collect();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(AppState {
+            store,
+            config,
+            releases: RwLock::new(releases),
+            instances: Mutex::new(instances),
+            dirty: Mutex::new(Default::default()),
+            tokens,
+            changes: broadcast::channel(1024).0,
+            events: broadcast::channel(1024).0,
+            write_lock: tokio::sync::Mutex::new(()),
+            shutdown: shutdown_rx,
+            counters: Counters::default(),
+        });
+        Ok(Registry {
+            state,
+            shutdown_tx,
+            generated_admin_token: generated,
+        })
+    }
+
+    /// The HTTP API.
+    pub fn router(&self) -> Router {
+        let v1 = Router::new()
+            .route(
+                "/v1/envs/{env}/services/{svc}/release",
+                get(releases::get_release).put(releases::put_release),
+            )
+            .route(
+                "/v1/envs/{env}/services/{svc}/releases",
+                get(releases::history),
+            )
+            .route(
+                "/v1/envs/{env}/services/{svc}/rollback",
+                post(releases::rollback),
+            )
+            .route("/v1/watch", get(stream::watch))
+            .route("/v1/instances", post(instances::heartbeat))
+            .route("/v1/instances/{id}", delete(instances::deregister))
+            .route("/v1/status", get(status::status))
+            .route("/v1/events", get(admin::events))
+            .route("/v1/events/stream", get(stream::event_stream))
+            .route(
+                "/v1/tokens",
+                get(admin::list_tokens).post(admin::create_token),
+            )
+            .route("/v1/tokens/{name}", delete(admin::revoke_token));
+        Router::new()
+            .merge(v1)
+            .route("/healthz", get(admin::healthz))
+            .route("/readyz", get(admin::readyz))
+            .route("/metrics", get(admin::metrics))
+            .route("/openapi.json", get(openapi::openapi_json))
+            .fallback(|| async {
+                ApiError::NotFound(
+                    lockstep_api::codes::NOT_FOUND,
+                    "no such endpoint; see /openapi.json".into(),
+                )
+            })
+            // The cap applies before any handler reads a byte, so an oversized body costs
+            // nothing but the 413.
+            .layer(DefaultBodyLimit::max(lockstep_api::MAX_BODY_BYTES))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then ends every stream, lets
+    /// in-flight requests finish, stops the background task and flushes heartbeats.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let background = tokio::spawn(instances::run_background(self.state.clone()));
+        let router = self.router();
+        let tx = self.shutdown_tx.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing streams, draining requests");
+            let _ = tx.send(true);
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(signal)
+            .await?;
+        let _ = self.shutdown_tx.send(true);
+        let _ = background.await;
+        let n = instances::flush(&self.state).await;
+        tracing::info!(flushed = n, "heartbeats flushed; bye");
+        Ok(())
+    }
+}

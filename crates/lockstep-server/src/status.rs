@@ -1,0 +1,115 @@
+//! `GET /v1/status`: every environment, service, expected release and instance with its
+//! status and drift, computed from the in-memory state at the moment of the call.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use lockstep_api::{EnvStatus, ErrorBody, InstanceStatus, ServiceStatus, StatusReport};
+use lockstep_core::{StatusCounts, drift_secs, instance_status};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+use crate::auth::{self, Auth};
+use crate::error::ApiError;
+use crate::instances::is_missing;
+use crate::state::AppState;
+
+/// Filters of `/v1/status`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct StatusQuery {
+    /// Only this environment.
+    pub env: Option<String>,
+    /// Only this service.
+    pub service: Option<String>,
+}
+
+/// Builds the report (also used by `/metrics`).
+pub fn report(st: &AppState, q: &StatusQuery) -> StatusReport {
+    let now = OffsetDateTime::now_utc();
+    let ttl = st.config.instance_ttl.as_secs();
+    let keep = |env: &str, svc: &str| {
+        q.env.as_deref().is_none_or(|e| e == env) && q.service.as_deref().is_none_or(|s| s == svc)
+    };
+    let mut tree: BTreeMap<String, BTreeMap<String, ServiceStatus>> = BTreeMap::new();
+    if let Ok(g) = st.releases.read() {
+        for (env, services) in g.iter() {
+            for (svc, change) in services {
+                if keep(env, svc) {
+                    tree.entry(env.clone()).or_default().insert(
+                        svc.clone(),
+                        ServiceStatus {
+                            name: svc.clone(),
+                            expected: Some(change.release.clone()),
+                            instances: Vec::new(),
+                            counts: StatusCounts::default(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let instances: Vec<_> = match st.instances.lock() {
+        Ok(map) => map
+            .values()
+            .filter(|t| keep(&t.instance.env, &t.instance.service))
+            .map(|t| t.instance.clone())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for inst in instances {
+        let svc = tree
+            .entry(inst.env.clone())
+            .or_default()
+            .entry(inst.service.clone())
+            .or_insert_with(|| ServiceStatus {
+                name: inst.service.clone(),
+                expected: None,
+                instances: Vec::new(),
+                counts: StatusCounts::default(),
+            });
+        let missing = is_missing(st, inst.last_seen, now);
+        let expected = svc.expected.as_ref();
+        let status = instance_status(
+            expected.map(|e| &e.release),
+            &inst.version_id,
+            &inst.components,
+            missing,
+        );
+        let drift = drift_secs(status, now, &inst, expected.map(|e| e.registered_at), ttl);
+        svc.counts.add(status);
+        svc.instances.push(InstanceStatus {
+            instance: inst,
+            status,
+            drift_secs: drift,
+        });
+    }
+    StatusReport {
+        environments: tree
+            .into_iter()
+            .map(|(name, services)| EnvStatus {
+                name,
+                services: services
+                    .into_values()
+                    .map(|mut s| {
+                        s.instances
+                            .sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
+                        s
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Every environment, service, expected release and instance with its status.
+#[utoipa::path(get, path = "/v1/status", tag = "status", params(StatusQuery),
+    responses((status = 200, body = StatusReport), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn status(
+    Auth(_who, _): Auth<auth::Viewer>,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<StatusReport>, ApiError> {
+    Ok(Json(report(&st, &q)))
+}
