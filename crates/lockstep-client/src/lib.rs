@@ -6,5 +6,6 @@
 //! callers can fail open on the first and act on the second.
 
 mod registry;
+pub mod sse;
 
 pub use registry::{ClientError, RegistryClient};

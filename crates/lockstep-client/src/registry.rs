@@ -53,6 +53,7 @@ pub struct RegistryClient {
     bases: Vec<reqwest::Url>,
     token: Option<String>,
     http: reqwest::Client,
+    stream_http: reqwest::Client,
     /// Index of the URL that answered last; tried first next time.
     preferred: AtomicUsize,
 }
@@ -87,10 +88,18 @@ impl RegistryClient {
                 urls: urls.to_string(),
                 message: e.to_string(),
             })?;
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                urls: urls.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(RegistryClient {
             bases,
             token: token.filter(|t| !t.is_empty()),
             http,
+            stream_http,
             preferred: AtomicUsize::new(0),
         })
     }
@@ -244,6 +253,79 @@ impl RegistryClient {
             q.push(("service", s.to_string()));
         }
         self.call::<(), _>(Method::GET, "v1/status", &q, None).await
+    }
+
+    /// Opens the watch stream (`GET /v1/watch`): release changes as SSE events, resuming
+    /// after `since` when given. The stream ends when the connection does.
+    pub async fn watch(
+        &self,
+        env: Option<&str>,
+        service: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<impl futures_util::Stream<Item = crate::sse::SseEvent> + Send + use<>, ClientError>
+    {
+        let mut q = Vec::new();
+        if let Some(e) = env {
+            q.push(("env", e.to_string()));
+        }
+        if let Some(s) = service {
+            q.push(("service", s.to_string()));
+        }
+        if let Some(n) = since {
+            q.push(("since", n.to_string()));
+        }
+        self.stream("v1/watch", &q).await
+    }
+
+    /// Opens the live event stream (`GET /v1/events/stream`), resuming after `since`.
+    pub async fn event_stream(
+        &self,
+        since: Option<i64>,
+    ) -> Result<impl futures_util::Stream<Item = crate::sse::SseEvent> + Send + use<>, ClientError>
+    {
+        let q: Vec<(&str, String)> = since
+            .map(|n| ("since", n.to_string()))
+            .into_iter()
+            .collect();
+        self.stream("v1/events/stream", &q).await
+    }
+
+    async fn stream(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<impl futures_util::Stream<Item = crate::sse::SseEvent> + Send + use<>, ClientError>
+    {
+        let n = self.bases.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = String::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let url = self.bases[i]
+                .join(path)
+                .map_err(|_| ClientError::BadUrl(path.into()))?;
+            // No overall timeout: a watch stays open for as long as the registry allows.
+            let mut req = self.stream_http.get(url).query(query);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(crate::sse::events(resp.bytes_stream()));
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let bytes = resp.bytes().await.unwrap_or_default();
+                    return Err(api_error(status, &bytes));
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        Err(ClientError::Unreachable {
+            urls: self.urls(),
+            message: last_err,
+        })
     }
 
     /// Sends a heartbeat.
