@@ -246,10 +246,10 @@ pub async fn scan_missing(st: &AppState) {
             map.remove(id);
         }
     }
-    if !expired.is_empty() {
-        if let Err(e) = st.store.delete_instances(&expired).await {
-            tracing::error!(error = %e, "forgetting expired instances failed");
-        }
+    if !expired.is_empty()
+        && let Err(e) = st.store.delete_instances(&expired).await
+    {
+        tracing::error!(error = %e, "forgetting expired instances failed");
     }
     if newly_missing.is_empty() {
         return;

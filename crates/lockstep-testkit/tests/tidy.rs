@@ -1,0 +1,75 @@
+//! House rules checked on every test run, so nobody has to remember them: every Rust file
+//! opens with a `//!` line saying what it is for, `anyhow` stays in the binary, and no test
+//! is ignored without a reason.
+
+use std::path::{Path, PathBuf};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "target" || n == ".git") {
+                continue;
+            }
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+fn all_files() -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    rust_files(&workspace_root().join("crates"), &mut files);
+    rust_files(&workspace_root().join("examples"), &mut files);
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            (p, text)
+        })
+        .collect()
+}
+
+#[test]
+fn every_rust_file_starts_with_a_module_doc() {
+    let missing: Vec<_> = all_files()
+        .into_iter()
+        .filter(|(p, t)| {
+            let is_build = p.file_name().is_some_and(|n| n == "build.rs");
+            !is_build && !t.trim_start().starts_with("//!")
+        })
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(missing.is_empty(), "files without a //! line: {missing:#?}");
+}
+
+#[test]
+fn anyhow_is_used_only_in_binaries() {
+    let offenders: Vec<_> = all_files()
+        .into_iter()
+        .filter(|(p, t)| {
+            let s = p.to_string_lossy();
+            let is_binary = s.contains("lockstep-cli") || s.contains("lockstep-bench") || s.contains("/examples/");
+            let is_test = s.contains("/tests/");
+            !is_binary && !is_test && t.contains("anyhow::")
+        })
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "anyhow in a library: {offenders:#?}");
+}
+
+#[test]
+fn no_test_is_ignored_without_a_reason() {
+    let offenders: Vec<_> = all_files()
+        .into_iter()
+        .filter(|(_, t)| t.lines().any(|l| l.trim() == "#[ignore]"))
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "#[ignore] without = \"reason\": {offenders:#?}");
+}
