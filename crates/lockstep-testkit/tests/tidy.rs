@@ -9,7 +9,9 @@ fn workspace_root() -> PathBuf {
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -55,7 +57,9 @@ fn anyhow_is_used_only_in_binaries() {
         .into_iter()
         .filter(|(p, t)| {
             let s = p.to_string_lossy();
-            let is_binary = s.contains("lockstep-cli") || s.contains("lockstep-bench") || s.contains("/examples/");
+            let is_binary = s.contains("lockstep-cli")
+                || s.contains("lockstep-bench")
+                || s.contains("/examples/");
             let is_test = s.contains("/tests/");
             !is_binary && !is_test && t.contains("anyhow::")
         })
@@ -71,5 +75,8 @@ fn no_test_is_ignored_without_a_reason() {
         .filter(|(_, t)| t.lines().any(|l| l.trim() == "#[ignore]"))
         .map(|(p, _)| p.display().to_string())
         .collect();
-    assert!(offenders.is_empty(), "#[ignore] without = \"reason\": {offenders:#?}");
+    assert!(
+        offenders.is_empty(),
+        "#[ignore] without = \"reason\": {offenders:#?}"
+    );
 }
