@@ -1,7 +1,9 @@
 //! `lockstep`: the registry server and the command-line tools around it. Thin by design:
 //! parsing, wiring and output formatting live here; behaviour lives in the library crates.
 
+mod cmd_demo;
 mod cmd_fleet;
+mod cmd_guard;
 mod cmd_release;
 mod cmd_serve;
 mod cmd_token;
@@ -45,6 +47,10 @@ enum Command {
     /// Create, list and revoke API tokens.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
+    /// Run any worker under startup guards and stop it when it becomes stale.
+    Guard(cmd_guard::GuardArgs),
+    /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
+    Demo(cmd_demo::DemoArgs),
 }
 
 /// Where the registry is and how to authenticate.
@@ -129,6 +135,8 @@ fn main() -> ExitCode {
             Command::Verify(a) => cmd_fleet::verify(a).await,
             Command::Detect(a) => cmd_release::detect(a),
             Command::Token(c) => cmd_token::run(c).await,
+            Command::Guard(a) => cmd_guard::run(a).await,
+            Command::Demo(a) => cmd_demo::run(a).await,
         }
     });
     match result {

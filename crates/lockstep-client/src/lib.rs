@@ -1,11 +1,27 @@
-//! The lockstep client library: what tools and Rust workers link to talk to the registry.
+//! The lockstep client library: what a Rust worker links to know, within milliseconds,
+//! whether it still runs the release that was deployed — and to act on it.
 //!
-//! [`RegistryClient`] speaks the v1 API with the wire types of `lockstep-api`, tries several
-//! registry URLs in order, and sorts failures into "could not reach any registry"
-//! ([`ClientError::Unreachable`]) and "the registry said no" ([`ClientError::Api`]) so that
-//! callers can fail open on the first and act on the second.
+//! - [`build_info!`] and `lockstep_build::emit()`: the identity baked into the binary.
+//! - [`guard`]: startup guards that exit 78 before a wrong binary touches anything.
+//! - [`Watcher`]: the expected release pushed over SSE, polled as a fallback, fail-open
+//!   (optionally bounded), with a lock-free [`Watcher::is_current`].
+//! - [`VersionCheckLayer`]: a tower layer answering 503 while stale.
+//! - [`HeartbeatTask`]: registration, heartbeats and deregistration.
+//! - [`RegistryClient`]: every v1 call, with ordered failover across registry URLs.
+//!
+//! Job workers check `watcher.is_current()` before each job and `select!` on
+//! `watcher.changed()` to drain and exit.
 
+mod build_info;
+pub mod guard;
+mod heartbeat;
+mod layer;
 mod registry;
 pub mod sse;
+mod watcher;
 
+pub use build_info::BuildInfo;
+pub use heartbeat::{HeartbeatTask, default_instance_id};
+pub use layer::{ResponseFuture, STALE_BODY, VersionCheck, VersionCheckLayer, stale_response};
 pub use registry::{ClientError, RegistryClient};
+pub use watcher::{ConfigError, Watcher, WatcherConfig};

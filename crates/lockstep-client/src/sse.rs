@@ -73,13 +73,19 @@ impl SseParser {
 }
 
 /// Turns a response body into a stream of events; ends when the body ends or fails.
+///
+/// A chunk that completes no event (a keep-alive comment, half an event) yields an item
+/// with an empty `event`, so a reader can tell a live but quiet stream from a dead one.
 pub fn events(
     body: impl Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
 ) -> impl Stream<Item = SseEvent> + Send {
     let mut parser = SseParser::default();
     body.take_while(|r| std::future::ready(r.is_ok()))
         .flat_map(move |chunk| {
-            let evs = chunk.map(|c| parser.feed(&c)).unwrap_or_default();
+            let mut evs = chunk.map(|c| parser.feed(&c)).unwrap_or_default();
+            if evs.is_empty() {
+                evs.push(SseEvent::default());
+            }
             futures_util::stream::iter(evs)
         })
 }

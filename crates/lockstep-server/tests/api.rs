@@ -569,10 +569,16 @@ async fn an_instance_that_stops_heartbeating_becomes_missing_after_its_ttl() {
 async fn next_release(
     stream: &mut (impl futures_util::Stream<Item = lockstep_client::sse::SseEvent> + Unpin),
 ) -> (i64, String) {
-    let ev = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("an event within 5 s")
-        .expect("stream open");
+    let ev = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("stream open");
+        // Empty events mark chunks that completed nothing (keep-alives, partial events).
+        if !ev.event.is_empty() {
+            break ev;
+        }
+    };
     assert_eq!(ev.event, "release");
     let id: i64 = ev
         .id
