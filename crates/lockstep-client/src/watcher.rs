@@ -129,6 +129,9 @@ struct Shared {
     verdict: AtomicU8,
     status: AtomicU8,
     revision: AtomicI64,
+    /// The last revision received over the push stream: where a reconnect resumes. Polls
+    /// do not move it, so a resume replays every change the stream has not delivered.
+    cursor: AtomicI64,
     /// Milliseconds since `epoch` of the last answer from any registry.
     last_contact_ms: AtomicU64,
     reachable: AtomicBool,
@@ -185,6 +188,7 @@ impl Watcher {
             verdict: AtomicU8::new(SERVE),
             status: AtomicU8::new(status_code(Status::Unknown)),
             revision: AtomicI64::new(0),
+            cursor: AtomicI64::new(0),
             last_contact_ms: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -246,7 +250,8 @@ impl Watcher {
         &self.shared.config
     }
 
-    /// Every release the watcher receives, in order (for tests and dashboards).
+    /// Every release pushed over the watch stream, in revision order, each once — across
+    /// reconnects and registry restarts (for tests, audits and dashboards).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredRelease>> {
         self.shared.releases.subscribe()
     }
@@ -268,25 +273,32 @@ impl Watcher {
 
     /// Feeds a release learned elsewhere (a heartbeat answer) into the watcher.
     pub fn observe(&self, release: Option<&StoredRelease>) {
-        observe(&self.shared, release.cloned());
+        observe(&self.shared, release.cloned(), false);
     }
 }
 
-fn observe(sh: &Shared, release: Option<StoredRelease>) {
+fn observe(sh: &Shared, release: Option<StoredRelease>, pushed: bool) {
     contact(sh);
+    if let Some(r) = &release {
+        if pushed {
+            if r.revision <= sh.cursor.load(Ordering::Relaxed) {
+                return;
+            }
+            sh.cursor.store(r.revision, Ordering::Relaxed);
+            let _ = sh.releases.send(Arc::new(r.clone()));
+        }
+        // Never go backwards: a late answer must not undo a newer change.
+        if r.revision < sh.revision.load(Ordering::Relaxed) {
+            return;
+        }
+        sh.revision.store(r.revision, Ordering::Relaxed);
+    }
     let status = instance_status(
         release.as_ref().map(|r| &r.release),
         &sh.config.version_id,
         &sh.config.components,
         false,
     );
-    if let Some(r) = &release {
-        // Never go backwards: a late poll answer must not undo a newer pushed change.
-        if r.revision < sh.revision.load(Ordering::Relaxed) {
-            return;
-        }
-        sh.revision.store(r.revision, Ordering::Relaxed);
-    }
     let verdict = match status {
         Status::Stale => STALE,
         _ => SERVE,
@@ -295,9 +307,6 @@ fn observe(sh: &Shared, release: Option<StoredRelease>) {
     let old = sh.verdict.swap(verdict, Ordering::Relaxed);
     if let Ok(mut g) = sh.expected.lock() {
         *g = release.clone().map(Arc::new);
-    }
-    if let Some(r) = release {
-        let _ = sh.releases.send(Arc::new(r));
     }
     if old != verdict || old_status != status {
         let expected = sh.expected.lock().ok().and_then(|g| g.clone());
@@ -361,7 +370,7 @@ fn jitter(d: Duration) -> Duration {
 
 async fn poll(sh: &Shared, client: &RegistryClient) {
     match client.release(&sh.config.env, &sh.config.service).await {
-        Ok(r) => observe(sh, r),
+        Ok(r) => observe(sh, r, false),
         Err(e) => outage(sh, &e.to_string()),
     }
 }
@@ -370,7 +379,7 @@ async fn run(sh: Arc<Shared>, client: RegistryClient) {
     let cfg = sh.config.clone();
     let mut backoff = cfg.reconnect_min;
     loop {
-        let since = match sh.revision.load(Ordering::Relaxed) {
+        let since = match sh.cursor.load(Ordering::Relaxed) {
             0 => None,
             n => Some(n),
         };
@@ -393,7 +402,7 @@ async fn run(sh: Arc<Shared>, client: RegistryClient) {
                             backoff = cfg.reconnect_min;
                             if ev.event == "release" {
                                 match serde_json::from_str::<StoredRelease>(&ev.data) {
-                                    Ok(r) => observe(&sh, Some(r)),
+                                    Ok(r) => observe(&sh, Some(r), true),
                                     Err(e) => {
                                         tracing::warn!(error = %e, "ignoring an unreadable watch event")
                                     }

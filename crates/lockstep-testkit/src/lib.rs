@@ -41,13 +41,16 @@ impl InProcessRegistry {
 
     /// Starts one over an existing data directory (to test restarts in-process).
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Self {
+        Self::start_at(dir, config, "127.0.0.1:0").await
+    }
+
+    /// Starts one over `dir` listening on `addr` (a restart on the same port).
+    pub async fn start_at(dir: tempfile::TempDir, config: Config, addr: &str) -> Self {
         let store = SqliteStore::open(dir.path()).await.expect("open store");
         let registry = Registry::open(Arc::new(store), config, Some(ADMIN_TOKEN))
             .await
             .expect("open registry");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
