@@ -37,7 +37,9 @@ pub struct StatusArgs {
 }
 
 fn ts(t: Option<time::OffsetDateTime>) -> String {
-    t.and_then(|t| t.format(&Rfc3339).ok())
+    // Whole seconds: sub-second digits only make the table wider.
+    t.and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_else(|| "-".into())
 }
 

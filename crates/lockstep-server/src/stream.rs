@@ -69,7 +69,7 @@ struct Resume<T> {
     filter: Filter<T>,
     shutdown: watch::Receiver<bool>,
     /// Decremented when the stream is dropped.
-    gauge: Option<GaugeGuard>,
+    _gauge: Option<GaugeGuard>,
 }
 
 struct GaugeGuard(Arc<AppState>, fn(&AppState) -> &AtomicI64);
@@ -98,7 +98,9 @@ fn resumable<T: Item>(state: Resume<T>) -> impl Stream<Item = Result<SseEvent, I
                 r = s.rx.recv() => match r {
                     Ok(item) => s.backlog.push_back(item),
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match (s.fetch)(s.last).await {
+                        // Fell behind the hub: everything after the last id sent is in the
+                        // store, page by page; items still in the hub are deduplicated by id.
+                        match backlog(&s.fetch, s.last).await {
                             Ok(items) => s.backlog.extend(items),
                             Err(_) => return None,
                         }
@@ -107,7 +109,6 @@ fn resumable<T: Item>(state: Resume<T>) -> impl Stream<Item = Result<SseEvent, I
                 },
                 _ = s.shutdown.changed() => return None,
             }
-            let _ = &s.gauge;
         }
     })
 }
@@ -215,7 +216,7 @@ pub async fn watch(
         fetch,
         filter,
         shutdown: st.shutdown.clone(),
-        gauge: Some(gauge),
+        _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))
 }
@@ -265,7 +266,7 @@ pub async fn event_stream(
         fetch,
         filter: Arc::new(|_: &Event| true),
         shutdown: st.shutdown.clone(),
-        gauge: Some(gauge),
+        _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))
 }
