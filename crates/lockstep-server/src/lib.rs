@@ -190,24 +190,52 @@ impl Registry {
     }
 
     /// Serves on `listener` until `shutdown` resolves; then ends every stream, lets
-    /// in-flight requests finish, stops the background task and flushes heartbeats.
+    /// in-flight requests finish (at most 30 s), stops the background task and flushes
+    /// heartbeats.
+    ///
+    /// HTTP/1.1 only, on hyper directly rather than `axum::serve`: every watcher is a
+    /// long-lived connection, and without the HTTP/2 and upgrade machinery each one costs
+    /// markedly less memory (see docs/benchmarks.md).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let background = tokio::spawn(instances::run_background(self.state.clone()));
-        let router = self.router();
-        let tx = self.shutdown_tx.clone();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing streams, draining requests");
-            let _ = tx.send(true);
-        };
-        axum::serve(listener, router)
-            .with_graceful_shutdown(signal)
-            .await?;
+        let service = hyper_util::service::TowerToHyperService::new(self.router());
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let http = hyper::server::conn::http1::Builder::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            // Server-sent events are small writes that must leave at once.
+            let _ = stream.set_nodelay(true);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        tracing::info!("shutting down: closing streams, draining requests");
         let _ = self.shutdown_tx.send(true);
+        drop(listener);
+        if tokio::time::timeout(std::time::Duration::from_secs(30), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not finish within 30 s");
+        }
         let _ = background.await;
         let n = instances::flush(&self.state).await;
         tracing::info!(flushed = n, "heartbeats flushed; bye");

@@ -1,0 +1,200 @@
+//! Load tool for the watch fan-out figures: opens N Server-Sent-Event watchers on raw
+//! sockets (lighter than an HTTP client per connection, so 10,000 fit in one process), then
+//! either measures how long each deploy takes to reach the last watcher (`fanout`) or holds
+//! the connections idle so the registry's memory can be read (`idle`).
+//!
+//! `lockstep-fanout fanout URL TOKEN WATCHERS DEPLOYS` prints p50/p99/max in milliseconds.
+//! `lockstep-fanout idle URL TOKEN WATCHERS HOLD_SECS` prints `connected N` and holds.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const SERVICE: &str = "fan";
+
+struct Shared {
+    connected: AtomicUsize,
+    /// Per deploy: how many watchers have it, and the latest arrival.
+    arrivals: Vec<Mutex<(usize, Option<Instant>)>>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: lockstep-fanout fanout URL TOKEN WATCHERS DEPLOYS | idle URL TOKEN WATCHERS HOLD_SECS"
+    );
+    std::process::exit(2)
+}
+
+async fn watcher(
+    addr: String,
+    token: String,
+    shared: Arc<Shared>,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<()> {
+    // At most a few hundred connects in flight: a burst of 10,000 SYNs overflows the
+    // listen backlog and measures the kernel, not the registry.
+    let mut permit = Some(gate.acquire_owned().await.map_err(std::io::Error::other)?);
+    let mut sock = None;
+    for attempt in 0..20u64 {
+        match TcpStream::connect(&addr).await {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await,
+        }
+    }
+    let mut sock = sock.ok_or_else(|| std::io::Error::other("could not connect"))?;
+    let req = format!(
+        "GET /v1/watch?env=production&service={SERVICE} HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    sock.write_all(req.as_bytes()).await?;
+    let mut lines = BufReader::with_capacity(1024, sock).lines();
+    let mut seen_first = false;
+    while let Some(line) = lines.next_line().await? {
+        let Some(pos) = line.find("\"version_id\":\"fan-") else {
+            continue;
+        };
+        let now = Instant::now();
+        if !seen_first {
+            seen_first = true;
+            shared.connected.fetch_add(1, Ordering::Relaxed);
+            permit.take();
+        }
+        let rest = &line[pos + "\"version_id\":\"fan-".len()..];
+        let n: usize = rest
+            .split('"')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        if let Some(slot) = shared.arrivals.get(n)
+            && let Ok(mut g) = slot.lock()
+        {
+            g.0 += 1;
+            g.1 = Some(g.1.map_or(now, |t: Instant| t.max(now)));
+        }
+    }
+    Ok(())
+}
+
+async fn put(http: &reqwest::Client, url: &str, token: &str, n: usize) -> reqwest::Result<()> {
+    http.put(format!(
+        "{url}/v1/envs/production/services/{SERVICE}/release"
+    ))
+    .bearer_auth(token)
+    .json(&serde_json::json!({ "version_id": format!("fan-{n}") }))
+    .send()
+    .await?
+    .error_for_status()?;
+    Ok(())
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 6 {
+        usage();
+    }
+    let (mode, url, token) = (
+        args[1].as_str(),
+        args[2].trim_end_matches('/').to_string(),
+        args[3].clone(),
+    );
+    let watchers: usize = args[4].parse().unwrap_or_else(|_| usage());
+    let last: usize = args[5].parse().unwrap_or_else(|_| usage());
+    let deploys = if mode == "fanout" { last } else { 0 };
+    let addr = url.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::new();
+    let shared = Arc::new(Shared {
+        connected: AtomicUsize::new(0),
+        arrivals: (0..=deploys).map(|_| Mutex::new((0, None))).collect(),
+    });
+    // Deploy 0 exists before anyone connects: every watcher gets it as its first event.
+    if let Err(e) = put(&http, &url, &token, 0).await {
+        eprintln!("initial registration failed: {e}");
+        std::process::exit(1);
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let failed = Arc::new(AtomicUsize::new(0));
+    for _ in 0..watchers {
+        let (addr, token, shared, gate, failed) = (
+            addr.clone(),
+            token.clone(),
+            shared.clone(),
+            gate.clone(),
+            failed.clone(),
+        );
+        tokio::spawn(async move {
+            if watcher(addr, token, shared, gate).await.is_err()
+                && failed.fetch_add(1, Ordering::Relaxed) == 0
+            {
+                eprintln!(
+                    "a watcher connection failed (further failures are counted, not printed)"
+                );
+            }
+        });
+    }
+    let start = Instant::now();
+    while shared.connected.load(Ordering::Relaxed) < watchers {
+        if start.elapsed() > Duration::from_secs(120) {
+            eprintln!(
+                "only {} of {watchers} watchers connected ({} failed)",
+                shared.connected.load(Ordering::Relaxed),
+                failed.load(Ordering::Relaxed)
+            );
+            std::process::exit(1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "connected {watchers} in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    if mode == "idle" {
+        tokio::time::sleep(Duration::from_secs(last as u64)).await;
+        return;
+    }
+    let mut lat_ms = Vec::with_capacity(deploys);
+    for n in 1..=deploys {
+        if let Err(e) = put(&http, &url, &token, n).await {
+            eprintln!("deploy {n} failed: {e}");
+            std::process::exit(1);
+        }
+        let answered = Instant::now();
+        let deadline = answered + Duration::from_secs(10);
+        loop {
+            let (count, latest) = shared.arrivals[n].lock().map(|g| *g).unwrap_or((0, None));
+            if count >= watchers {
+                let l = latest
+                    .map(|t| t.saturating_duration_since(answered))
+                    .unwrap_or_default();
+                lat_ms.push(l.as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("deploy {n}: only {count} of {watchers} watchers got it within 10 s");
+                std::process::exit(1);
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "deploys {deploys} watchers {watchers} p50_ms {:.2} p99_ms {:.2} max_ms {:.2}",
+        pct(&lat_ms, 0.5),
+        pct(&lat_ms, 0.99),
+        lat_ms.last().copied().unwrap_or(f64::NAN)
+    );
+}
