@@ -16,14 +16,19 @@ fn watcher(rt: &tokio::runtime::Runtime) -> Watcher {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let w = watcher(&rt);
     c.bench_function("is_current", |b| b.iter(|| black_box(&w).is_current()));
 
     let svc = tower::service_fn(|_req: http::Request<()>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
     });
-    let mut layered = VersionCheckLayer::new(w.clone()).exempt("/healthz").layer(svc);
+    let mut layered = VersionCheckLayer::new(w.clone())
+        .exempt("/healthz")
+        .layer(svc);
     c.bench_function("version_check_service_call", |b| {
         b.iter(|| {
             let req = http::Request::get("/work").body(()).expect("request");
