@@ -5,6 +5,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/target/release/lockstep"
 TOKEN="bench-admin-token"
 WORK="$(mktemp -d /tmp/lockstep-bench.XXXXXX)"
+chmod 755 "$WORK"  # nginx workers (www-data) read the static file from here
 PIDS=()
 
 cleanup() {
