@@ -2,10 +2,8 @@
 //! with `lockstep_client::build_info!()`.
 //!
 //! ```no_run
-//! // build.rs of a worker
-//! fn main() {
-//!     lockstep_build::emit();
-//! }
+//! // The whole `build.rs` of a worker is `fn main() { lockstep_build::emit(); }`:
+//! lockstep_build::emit();
 //! ```
 //!
 //! It sets `LOCKSTEP_GIT_SHA` (full SHA, or `unknown` without git), `LOCKSTEP_BUILD_DATE`
