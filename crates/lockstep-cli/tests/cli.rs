@@ -724,7 +724,7 @@ fn detect_prints_the_version_of_a_source_tree() {
 #[test]
 fn every_command_explains_itself_with_an_example() {
     for cmd in [
-        "serve", "register", "deploy", "rollback", "status", "verify", "detect",
+        "serve", "register", "deploy", "rollback", "status", "verify", "detect", "guard", "demo",
     ] {
         let o = Command::new(BIN)
             .args([cmd, "--help"])

@@ -1,0 +1,356 @@
+//! `lockstep guard` with real child processes: the startup guards, exit-code pass-through,
+//! signal forwarding, heartbeats on the child's behalf, and stopping a child that became
+//! stale.
+
+use lockstep_api::PutRelease;
+use lockstep_core::Release;
+use lockstep_testkit::{ADMIN_TOKEN, ServeProcess};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lockstep");
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn guard(envs: &[(&str, &str)], args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("guard").args(args);
+    for k in [
+        "LOCKSTEP_ENV",
+        "APP_ENV",
+        "NODE_ENV",
+        "GIT_SHA",
+        "EXPECTED_GIT_SHA",
+        "LOCKSTEP_EXPECTED_VERSION",
+        "LOCKSTEP_VERSION_ID",
+        "LOCKSTEP_SERVICE",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(envs: &[(&str, &str)], args: &[&str]) -> Output {
+    guard(envs, args).output().expect("run guard")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn production_with_equal_shas_runs_the_child_and_passes_its_exit_code_through() {
+    let o = run(
+        &[
+            ("LOCKSTEP_ENV", "production"),
+            ("GIT_SHA", SHA),
+            ("EXPECTED_GIT_SHA", SHA),
+        ],
+        &["--", "sh", "-c", "echo child ran; exit 3"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("child ran"));
+    let o = run(
+        &[
+            ("APP_ENV", "production"),
+            ("GIT_SHA", SHA),
+            ("EXPECTED_GIT_SHA", &SHA[..7]),
+        ],
+        &["--", "true"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "a short expected SHA matches: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn production_with_a_mismatch_exits_78_before_the_child_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let o = run(
+        &[
+            ("NODE_ENV", "production"),
+            ("GIT_SHA", SHA),
+            ("EXPECTED_GIT_SHA", "ffffffffffff"),
+        ],
+        &["--", "sh", "-c", &script],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("[version] FATAL:"), "{}", text(&o));
+    assert!(!marker.exists(), "the child never ran");
+    let o = run(
+        &[
+            ("LOCKSTEP_ENV", "production"),
+            ("LOCKSTEP_VERSION_ID", "v1"),
+            ("GIT_SHA", SHA),
+            ("LOCKSTEP_EXPECTED_VERSION", "v2"),
+        ],
+        &["--", "sh", "-c", &script],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(!marker.exists());
+}
+
+#[test]
+fn production_with_an_unknown_sha_exits_78() {
+    let o = run(&[("LOCKSTEP_ENV", "production")], &["--", "true"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("unknown"), "{}", text(&o));
+    let o = run(
+        &[("LOCKSTEP_ENV", "production"), ("GIT_SHA", "unknown")],
+        &["--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(78));
+}
+
+#[test]
+fn development_with_a_mismatch_warns_and_runs() {
+    let o = run(
+        &[("GIT_SHA", SHA), ("EXPECTED_GIT_SHA", "ffffffffffff")],
+        &["--", "sh", "-c", "echo child ran"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("[version] WARNING:") && text(&o).contains("child ran"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn guard_refuses_in_production_when_the_registry_expects_another_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = ServeProcess::spawn(Path::new(BIN), dir.path(), &[], &[]);
+    rt().block_on(s.client(ADMIN_TOKEN).put_release(
+        "production",
+        "jobs",
+        &PutRelease {
+            release: Release::new("v2"),
+            force: false,
+        },
+    ))
+    .expect("register");
+    let o = run(
+        &[
+            ("LOCKSTEP_ENV", "production"),
+            ("GIT_SHA", SHA),
+            ("LOCKSTEP_REGISTRY", &s.url),
+            ("LOCKSTEP_TOKEN", ADMIN_TOKEN),
+        ],
+        &["--service", "jobs", "--version-id", "v1", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("is not the expected"), "{}", text(&o));
+}
+
+fn start_stale_scenario(
+    on_stale: &str,
+    child_script: &str,
+) -> (tempfile::TempDir, ServeProcess, Child) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = ServeProcess::spawn(Path::new(BIN), &dir.path().join("data"), &[], &[]);
+    rt().block_on(s.client(ADMIN_TOKEN).put_release(
+        "production",
+        "jobs",
+        &PutRelease {
+            release: Release::new("v1"),
+            force: false,
+        },
+    ))
+    .expect("register v1");
+    let child = guard(
+        &[
+            ("GIT_SHA", SHA),
+            ("LOCKSTEP_REGISTRY", &s.url),
+            ("LOCKSTEP_TOKEN", ADMIN_TOKEN),
+        ],
+        &[
+            "--service",
+            "jobs",
+            "--version-id",
+            "v1",
+            "--on-stale",
+            on_stale,
+            "--grace",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            child_script,
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn guard");
+    (dir, s, child)
+}
+
+fn instance_count(s: &ServeProcess) -> usize {
+    let r = rt()
+        .block_on(s.client(ADMIN_TOKEN).status(None, Some("jobs")))
+        .expect("status");
+    r.environments
+        .iter()
+        .flat_map(|e| &e.services)
+        .map(|s| s.instances.len())
+        .sum()
+}
+
+fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn guard_stops_a_child_that_became_stale_and_exits_1() {
+    let (dir, s, mut g) = start_stale_scenario("exit", "exec sleep 30");
+    let _ = dir;
+    wait_for(
+        "the instance heartbeats on the child's behalf",
+        Duration::from_secs(10),
+        || instance_count(&s) == 1,
+    );
+    rt().block_on(s.client(ADMIN_TOKEN).put_release(
+        "production",
+        "jobs",
+        &PutRelease {
+            release: Release::new("v2"),
+            force: false,
+        },
+    ))
+    .expect("register v2");
+    let st = wait_exit(&mut g, Duration::from_secs(10)).expect("guard exits after the deploy");
+    assert_eq!(st.code(), Some(1));
+    wait_for("deregistered", Duration::from_secs(5), || {
+        instance_count(&s) == 0
+    });
+}
+
+#[test]
+fn a_child_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > {}; while true; do sleep 0.1; done",
+        pidfile.display()
+    );
+    let (_d, s, mut g) = start_stale_scenario("exit", &script);
+    wait_for("child started", Duration::from_secs(10), || {
+        pidfile.exists() && instance_count(&s) == 1
+    });
+    let child_pid = std::fs::read_to_string(&pidfile)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let t0 = Instant::now();
+    rt().block_on(s.client(ADMIN_TOKEN).put_release(
+        "production",
+        "jobs",
+        &PutRelease {
+            release: Release::new("v2"),
+            force: false,
+        },
+    ))
+    .expect("register v2");
+    let st = wait_exit(&mut g, Duration::from_secs(10)).expect("guard exits");
+    assert_eq!(st.code(), Some(1));
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "waited the grace period first"
+    );
+    let alive = Command::new("kill")
+        .args(["-0", &child_pid])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(!alive, "the child was killed");
+}
+
+#[test]
+fn on_stale_warn_keeps_the_child_running() {
+    let (_d, s, mut g) = start_stale_scenario("warn", "sleep 3; exit 0");
+    wait_for("heartbeating", Duration::from_secs(10), || {
+        instance_count(&s) == 1
+    });
+    rt().block_on(s.client(ADMIN_TOKEN).put_release(
+        "production",
+        "jobs",
+        &PutRelease {
+            release: Release::new("v2"),
+            force: false,
+        },
+    ))
+    .expect("register v2");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        matches!(g.try_wait(), Ok(None)),
+        "still running after the deploy"
+    );
+    let st = wait_exit(&mut g, Duration::from_secs(10)).expect("child finishes on its own");
+    assert_eq!(st.code(), Some(0), "the child's own exit code");
+    let mut err = String::new();
+    if let Some(mut e) = g.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(err.contains("is expected now"), "{err}");
+}
+
+#[test]
+fn sigterm_to_the_guard_is_forwarded_to_the_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("got-term");
+    let script = format!(
+        "trap 'touch {}; exit 0' TERM; while true; do sleep 0.1; done",
+        marker.display()
+    );
+    let mut g = guard(&[("GIT_SHA", SHA)], &["--", "sh", "-c", &script])
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-TERM", &g.id().to_string()])
+        .status()
+        .expect("kill");
+    let st = wait_exit(&mut g, Duration::from_secs(10)).expect("exits");
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "the child's exit code after it handled TERM"
+    );
+    assert!(marker.exists(), "the child received SIGTERM");
+}
