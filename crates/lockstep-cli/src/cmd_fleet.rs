@@ -172,9 +172,10 @@ struct Verdict<'a> {
     instances: Vec<VerdictLine<'a>>,
 }
 
+/// One line of `verify`.
 #[derive(Serialize)]
-struct VerdictLine<'a> {
-    verdict: &'static str,
+pub(crate) struct VerdictLine<'a> {
+    pub(crate) verdict: &'static str,
     env: &'a str,
     service: &'a str,
     #[serde(flatten)]
@@ -198,6 +199,42 @@ fn verdict_of(expect: Option<&str>, i: &InstanceStatus) -> &'static str {
     }
 }
 
+/// One verdict per instance of `report`, against the registry or against `expect`.
+pub(crate) fn verdict_lines<'a>(
+    report: &'a StatusReport,
+    expect: Option<&str>,
+) -> Vec<VerdictLine<'a>> {
+    let mut lines = Vec::new();
+    for env in &report.environments {
+        for svc in &env.services {
+            for i in &svc.instances {
+                lines.push(VerdictLine {
+                    verdict: verdict_of(expect, i),
+                    env: &env.name,
+                    service: &svc.name,
+                    instance: i,
+                });
+            }
+        }
+    }
+    lines
+}
+
+/// Prints `[OK] service instance short-version started …` lines.
+pub(crate) fn print_verdict_lines(lines: &[VerdictLine<'_>]) {
+    for l in lines {
+        let i = &l.instance.instance;
+        println!(
+            "[{}] {} {} {} started {}",
+            l.verdict,
+            l.service,
+            i.instance_id,
+            short_id(&i.version_id),
+            ts(i.started_at.or(Some(i.first_seen)))
+        );
+    }
+}
+
 /// Verifies the fleet.
 pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
     if a.expect.as_deref().is_some_and(str::is_empty) {
@@ -207,19 +244,7 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
     let report: StatusReport = client
         .status(a.scope.env.as_deref(), a.scope.service.as_deref())
         .await?;
-    let mut lines = Vec::new();
-    for env in &report.environments {
-        for svc in &env.services {
-            for i in &svc.instances {
-                lines.push(VerdictLine {
-                    verdict: verdict_of(a.expect.as_deref(), i),
-                    env: &env.name,
-                    service: &svc.name,
-                    instance: i,
-                });
-            }
-        }
-    }
+    let lines = verdict_lines(&report, a.expect.as_deref());
     let failing = lines.iter().filter(|l| l.verdict != "OK").count();
     let ok = failing == 0 && (!lines.is_empty() || a.allow_empty);
     if a.output == Output::Json {
@@ -232,17 +257,7 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
             })?
         );
     } else {
-        for l in &lines {
-            let i = &l.instance.instance;
-            println!(
-                "[{}] {} {} {} started {}",
-                l.verdict,
-                l.service,
-                i.instance_id,
-                short_id(&i.version_id),
-                ts(i.started_at.or(Some(i.first_seen)))
-            );
-        }
+        print_verdict_lines(&lines);
         if lines.is_empty() {
             if a.allow_empty {
                 println!("[OK] no instances (allowed by --allow-empty)");
