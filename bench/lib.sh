@@ -16,7 +16,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 build() {
-  (cd "$ROOT" && cargo build --release -q -p lockstep-cli -p lockstep-testkit --bin lockstep --bin lockstep-fanout)
+  (cd "$ROOT" && cargo build --release -q -p lockstep-cli -p lockstep-testkit --bin lockstep --bin lockstep-load)
 }
 
 need() {

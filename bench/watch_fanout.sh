@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 build
 ulimit -n 20000 2>/dev/null || true
 WATCHERS=${WATCHERS:-1000}; DEPLOYS=${DEPLOYS:-50}; IDLE=${IDLE:-10000}
-FAN="$ROOT/target/release/lockstep-fanout"
+FAN="$ROOT/target/release/lockstep-load"
 start_registry fan
 FAN_OUT=$("$FAN" fanout "$URL" "$TOKEN" "$WATCHERS" "$DEPLOYS" | tail -n1)
 kill "$REG_PID"; wait "$REG_PID" 2>/dev/null || true

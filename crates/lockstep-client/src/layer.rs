@@ -56,18 +56,19 @@ impl<S> Layer<S> for VersionCheckLayer {
     fn layer(&self, inner: S) -> Self::Service {
         VersionCheck {
             inner,
-            watcher: self.watcher.clone(),
-            exempt: self.exempt.clone(),
+            check: std::sync::Arc::new((self.watcher.clone(), self.exempt.clone())),
         }
     }
 }
 
 /// The service: refuses with 503 while stale, otherwise calls the inner service.
+///
+/// Routers clone their services per request, so everything but the inner service sits
+/// behind one `Arc`: a clone is one reference-count increment, never an allocation.
 #[derive(Clone)]
 pub struct VersionCheck<S> {
     inner: S,
-    watcher: Watcher,
-    exempt: Vec<String>,
+    check: std::sync::Arc<(Watcher, Vec<String>)>,
 }
 
 /// The response future: the inner service's, or a ready refusal.
@@ -101,9 +102,9 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if self.watcher.is_current()
-            || self
-                .exempt
+        let (watcher, exempt) = &*self.check;
+        if watcher.is_current()
+            || exempt
                 .iter()
                 .any(|p| req.uri().path().starts_with(p.as_str()))
         {

@@ -1,10 +1,14 @@
-//! Load tool for the watch fan-out figures: opens N Server-Sent-Event watchers on raw
-//! sockets (lighter than an HTTP client per connection, so 10,000 fit in one process), then
-//! either measures how long each deploy takes to reach the last watcher (`fanout`) or holds
-//! the connections idle so the registry's memory can be read (`idle`).
+//! Load tool for the benchmark scripts under `bench/`.
 //!
-//! `lockstep-fanout fanout URL TOKEN WATCHERS DEPLOYS` prints p50/p99/max in milliseconds.
-//! `lockstep-fanout idle URL TOKEN WATCHERS HOLD_SECS` prints `connected N` and holds.
+//! - `lockstep-load fanout URL TOKEN WATCHERS DEPLOYS`: opens N Server-Sent-Event watchers
+//!   on raw sockets (lighter than an HTTP client per connection, so 10,000 fit in one
+//!   process) and measures how long each deploy takes to reach the last one; prints
+//!   p50/p99/max in milliseconds.
+//! - `lockstep-load idle URL TOKEN WATCHERS HOLD_SECS`: opens them and holds them idle so
+//!   the registry's memory can be read; prints `connected N`.
+//! - `lockstep-load first503 URL TOKEN WORKER_URL SERVICE VERSION_ID DEPLOYS`: against a
+//!   running worker on VERSION_ID, alternately registers its release and another one, and
+//!   measures the time from the PUT's answer to the worker's first 503.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,6 +96,78 @@ async fn put(http: &reqwest::Client, url: &str, token: &str, n: usize) -> reqwes
     Ok(())
 }
 
+async fn register(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    service: &str,
+    id: &str,
+) -> reqwest::Result<()> {
+    http.put(format!(
+        "{url}/v1/envs/production/services/{service}/release"
+    ))
+    .bearer_auth(token)
+    .json(&serde_json::json!({ "version_id": id }))
+    .send()
+    .await?
+    .error_for_status()?;
+    Ok(())
+}
+
+/// Polls `worker` until it answers `want`; returns how long after `since` it did.
+async fn until_status(
+    http: &reqwest::Client,
+    worker: &str,
+    want: u16,
+    since: Instant,
+) -> Option<Duration> {
+    while since.elapsed() < Duration::from_secs(10) {
+        if let Ok(r) = http.get(worker).send().await
+            && r.status().as_u16() == want
+        {
+            return Some(since.elapsed());
+        }
+    }
+    None
+}
+
+async fn first503(args: &[String]) {
+    let [url, token, worker, service, version, deploys] = args else {
+        usage()
+    };
+    let deploys: usize = deploys.parse().unwrap_or_else(|_| usage());
+    let http = reqwest::Client::new();
+    let mut lat_ms = Vec::with_capacity(deploys);
+    for n in 0..deploys {
+        let back = Instant::now();
+        if register(&http, url, token, service, version).await.is_err()
+            || until_status(&http, worker, 200, back).await.is_none()
+        {
+            eprintln!("deploy {n}: the worker did not become current again");
+            std::process::exit(1);
+        }
+        if let Err(e) = register(&http, url, token, service, &format!("other-{n}")).await {
+            eprintln!("deploy {n} failed: {e}");
+            std::process::exit(1);
+        }
+        let answered = Instant::now();
+        match until_status(&http, worker, 503, answered).await {
+            Some(d) => lat_ms.push(d.as_secs_f64() * 1000.0),
+            None => {
+                eprintln!("deploy {n}: no 503 within 10 s");
+                std::process::exit(1);
+            }
+        }
+    }
+    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "deploys {deploys} p50_ms {:.2} p99_ms {:.2} max_ms {:.2}",
+        pct(&lat_ms, 0.5),
+        pct(&lat_ms, 0.99),
+        lat_ms.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -103,6 +179,9 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("first503") {
+        return first503(&args[2..]).await;
+    }
     if args.len() != 6 {
         usage();
     }
