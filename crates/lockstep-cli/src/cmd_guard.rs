@@ -11,9 +11,9 @@
 
 use clap::{Args, ValueEnum};
 use lockstep_api::Heartbeat;
-use lockstep_client::guard::{self, Facts, Verdict};
+use lockstep_client::guard::{self, Facts};
 use lockstep_client::{HeartbeatTask, Watcher, WatcherConfig};
-use lockstep_core::{Status, instance_status, parse_duration, short_id};
+use lockstep_core::{parse_duration, short_id};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -114,29 +114,9 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
         lockstep_core::validate_name("service", svc)
             .map_err(|e| fail(exit::USAGE, e.to_string()))?;
         let client = a.registry.client()?;
-        match client.release(&a.env, svc).await {
-            Ok(Some(r)) => {
-                let st = instance_status(Some(&r.release), &version_id, &Default::default(), false);
-                if st == Status::Stale {
-                    let line = format!(
-                        "release {} is not the expected {} of {svc}",
-                        short_id(&version_id),
-                        short_id(&r.release.version_id)
-                    );
-                    let v = if facts.production {
-                        Verdict::Refuse(vec![line])
-                    } else {
-                        Verdict::Warn(vec![line])
-                    };
-                    if !guard::report(&v) {
-                        return Ok(guard::EXIT_REFUSED as u8);
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("[version] WARNING: cannot check the registry ({e}); starting anyway")
-            }
+        let v = guard::check_registry(&client, &a.env, svc, &version_id, facts.production).await;
+        if !guard::report(&v) {
+            return Ok(guard::EXIT_REFUSED as u8);
         }
     }
     supervise(a, version_id).await

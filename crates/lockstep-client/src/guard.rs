@@ -149,6 +149,65 @@ pub fn enforce(info: &BuildInfo) {
     }
 }
 
+/// Checks the release `version_id` against the registry's expected release of `service`:
+/// stale refuses in production and warns elsewhere; nothing registered passes; a registry
+/// that cannot be asked warns and passes (the guards fail open like the watcher).
+pub async fn check_registry(
+    client: &crate::RegistryClient,
+    env: &str,
+    service: &str,
+    version_id: &str,
+    production: bool,
+) -> Verdict {
+    match client.release(env, service).await {
+        Ok(Some(r)) => {
+            let st = lockstep_core::instance_status(
+                Some(&r.release),
+                version_id,
+                &Default::default(),
+                false,
+            );
+            if st != lockstep_core::Status::Stale {
+                return Verdict::Pass;
+            }
+            let line = format!(
+                "release {} is not the expected {} of {service}",
+                short_id(version_id),
+                short_id(&r.release.version_id)
+            );
+            if production {
+                Verdict::Refuse(vec![line])
+            } else {
+                Verdict::Warn(vec![line])
+            }
+        }
+        Ok(None) => Verdict::Pass,
+        Err(e) => Verdict::Warn(vec![format!(
+            "cannot check the registry ({e}); starting anyway"
+        )]),
+    }
+}
+
+/// The guards from the environment, then against the registry named by `cfg`; exits 78 on
+/// refusal. For workers that want "the registry agrees" before they touch a queue.
+pub async fn enforce_with_registry(info: &BuildInfo, cfg: &crate::WatcherConfig) {
+    enforce(info);
+    let Ok(client) = crate::RegistryClient::new(&cfg.registry, cfg.token.clone()) else {
+        return;
+    };
+    let v = check_registry(
+        &client,
+        &cfg.env,
+        &cfg.service,
+        &cfg.version_id,
+        is_production(),
+    )
+    .await;
+    if !report(&v) {
+        std::process::exit(EXIT_REFUSED);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,7 +111,24 @@ async fn main() -> anyhow::Result<()> {
         // Innermost of the stack: every route above is checked, the exempt ones below are not.
         app = app.layer(VersionCheckLayer::new(watcher.clone()).exempt("/healthz"));
     }
-    let app = app.route("/healthz", get(|| async { "ok\n" }));
+    // Outside the check: health and metrics must answer even (especially) when stale.
+    let metrics_watcher = watcher.clone();
+    let app = app.route("/healthz", get(|| async { "ok\n" })).route(
+        "/metrics",
+        get(move || {
+            let w = metrics_watcher.clone();
+            async move {
+                format!(
+                    "# HELP lockstep_version_current 1 while this instance may serve.\n\
+                     # TYPE lockstep_version_current gauge\nlockstep_version_current {}\n\
+                     # HELP lockstep_registry_outage_seconds Seconds since a registry last answered.\n\
+                     # TYPE lockstep_registry_outage_seconds gauge\nlockstep_registry_outage_seconds {}\n",
+                    u8::from(w.is_current()),
+                    w.outage_secs()
+                )
+            }
+        }),
+    );
     tracing::info!(%addr, service = %cfg.service, version = %lockstep_core::short_id(&cfg.version_id), "serving");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
