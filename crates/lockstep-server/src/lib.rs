@@ -170,7 +170,17 @@ impl Registry {
                 "/v1/tokens",
                 get(admin::list_tokens).post(admin::create_token),
             )
-            .route("/v1/tokens/{name}", delete(admin::revoke_token));
+            .route("/v1/tokens/{name}", delete(admin::revoke_token))
+            .method_not_allowed_fallback(|| async {
+                (
+                    axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                    axum::Json(lockstep_api::ErrorBody {
+                        error: "method_not_allowed".into(),
+                        message: "this endpoint does not take that method; see the Allow header"
+                            .into(),
+                    }),
+                )
+            });
         Router::new()
             .merge(v1)
             .route("/healthz", get(admin::healthz))
@@ -183,6 +193,9 @@ impl Registry {
                     "no such endpoint; see /openapi.json".into(),
                 )
             })
+            // Rejections produced by axum itself (a query that does not parse) are plain
+            // text; give every error the same JSON shape.
+            .layer(axum::middleware::map_response(error::json_errors))
             // The cap applies before any handler reads a byte, so an oversized body costs
             // nothing but the 413.
             .layer(DefaultBodyLimit::max(lockstep_api::MAX_BODY_BYTES))

@@ -218,6 +218,32 @@ async fn bad_input_gets_clear_400_and_413_errors() {
         resp.json::<Value>().await.expect("json")["error"],
         "not_found"
     );
+    // Axum's own rejections come back in the same JSON shape.
+    let resp = http()
+        .post(format!("{}/v1/status", reg.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(resp.headers().contains_key("allow"));
+    assert_eq!(
+        resp.json::<Value>().await.expect("json")["error"],
+        "method_not_allowed"
+    );
+    let resp = http()
+        .get(format!("{}/v1/events?since=yesterday", reg.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"], "bad_request");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("since"),
+        "{body}"
+    );
     // A heartbeat with a bad instance id.
     let resp = http()
         .post(format!("{}/v1/instances", reg.url))
