@@ -10,7 +10,6 @@
 //! Otherwise it exits with CMD's own code.
 
 use clap::{Args, ValueEnum};
-use lockstep_api::Heartbeat;
 use lockstep_client::guard::{self, Facts};
 use lockstep_client::{HeartbeatTask, Watcher, WatcherConfig};
 use lockstep_core::{parse_duration, short_id};
@@ -139,20 +138,12 @@ async fn supervise(a: GuardArgs, version_id: String) -> anyhow::Result<u8> {
             cfg.token = a.registry.token.clone();
             cfg.env = a.env.clone();
             let watcher = Watcher::start(cfg)?;
-            let hb = Heartbeat {
-                instance_id: lockstep_client::default_instance_id(),
-                env: a.env.clone(),
-                service: svc.clone(),
-                version_id: version_id.clone(),
-                git_sha: env("GIT_SHA"),
-                build_date: None,
-                components: Default::default(),
-                host: None,
-                pid: Some(pid),
-                started_at: Some(time::OffsetDateTime::now_utc()),
-                endpoint: None,
-                health: None,
-            };
+            let hb = lockstep_client::heartbeat_for(
+                watcher.config(),
+                env("GIT_SHA").as_deref(),
+                pid,
+                None,
+            );
             let beats = HeartbeatTask::spawn(a.registry.client()?, hb, Some(watcher.clone()));
             (Some(watcher), Some(beats))
         }

@@ -26,6 +26,30 @@ pub fn default_instance_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &rand[..4])
 }
 
+/// The heartbeat of a process described by `cfg`: its instance id, service, release, pid
+/// and start time, plus what the caller knows (baked SHA, endpoint).
+pub fn heartbeat_for(
+    cfg: &crate::WatcherConfig,
+    git_sha: Option<&str>,
+    pid: u32,
+    endpoint: Option<String>,
+) -> Heartbeat {
+    Heartbeat {
+        instance_id: default_instance_id(),
+        env: cfg.env.clone(),
+        service: cfg.service.clone(),
+        version_id: cfg.version_id.clone(),
+        git_sha: git_sha.map(str::to_string),
+        build_date: None,
+        components: cfg.components.clone(),
+        host: None,
+        pid: Some(pid),
+        started_at: Some(time::OffsetDateTime::now_utc()),
+        endpoint,
+        health: None,
+    }
+}
+
 impl HeartbeatTask {
     /// Starts heartbeating `hb` (its `last_seen` is the registry's business) to `client`.
     pub fn spawn(client: RegistryClient, hb: Heartbeat, watcher: Option<Watcher>) -> HeartbeatTask {

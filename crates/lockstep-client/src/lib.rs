@@ -21,7 +21,7 @@ pub mod sse;
 mod watcher;
 
 pub use build_info::BuildInfo;
-pub use heartbeat::{HeartbeatTask, default_instance_id};
+pub use heartbeat::{HeartbeatTask, default_instance_id, heartbeat_for};
 pub use layer::{ResponseFuture, STALE_BODY, VersionCheck, VersionCheckLayer, stale_response};
 pub use registry::{ClientError, RegistryClient};
 pub use watcher::{ConfigError, Watcher, WatcherConfig};

@@ -80,21 +80,17 @@ impl RegistryClient {
         if bases.is_empty() {
             return Err(ClientError::BadUrl(urls.to_string()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| ClientError::Unreachable {
-                urls: urls.to_string(),
-                message: e.to_string(),
-            })?;
-        let stream_http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| ClientError::Unreachable {
-                urls: urls.to_string(),
-                message: e.to_string(),
-            })?;
+        let build = |b: reqwest::ClientBuilder| {
+            b.connect_timeout(Duration::from_secs(3))
+                .build()
+                .map_err(|e| ClientError::Unreachable {
+                    urls: urls.to_string(),
+                    message: e.to_string(),
+                })
+        };
+        let http = build(reqwest::Client::builder().timeout(Duration::from_secs(30)))?;
+        // No overall timeout: a watch stays open as long as the registry allows.
+        let stream_http = build(reqwest::Client::builder())?;
         Ok(RegistryClient {
             bases,
             token: token.filter(|t| !t.is_empty()),

@@ -17,7 +17,6 @@ use anyhow::Context;
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
-use lockstep_api::Heartbeat;
 use lockstep_client::{HeartbeatTask, RegistryClient, VersionCheckLayer, Watcher, WatcherConfig};
 use std::io::Write;
 use std::sync::Arc;
@@ -76,24 +75,18 @@ async fn main() -> anyhow::Result<()> {
         writeln!(out, "listening on {endpoint}")?;
         out.flush()?;
     }
-    let instance_id = lockstep_client::default_instance_id();
     let watcher = Watcher::start(cfg.clone())?;
-    let heartbeat = Heartbeat {
-        instance_id: instance_id.clone(),
-        env: cfg.env.clone(),
-        service: cfg.service.clone(),
-        version_id: cfg.version_id.clone(),
-        git_sha: Some(info.git_sha.to_string()),
-        build_date: info.build_date.and_then(|d| {
-            time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339).ok()
-        }),
-        components: Default::default(),
-        host: None,
-        pid: Some(std::process::id()),
-        started_at: Some(time::OffsetDateTime::now_utc()),
-        endpoint: Some(endpoint),
-        health: Some("ok".into()),
-    };
+    let mut heartbeat = lockstep_client::heartbeat_for(
+        &cfg,
+        Some(info.git_sha),
+        std::process::id(),
+        Some(endpoint),
+    );
+    heartbeat.build_date = info.build_date.and_then(|d| {
+        time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339).ok()
+    });
+    heartbeat.health = Some("ok".into());
+    let instance_id = heartbeat.instance_id.clone();
     let beats = HeartbeatTask::spawn(
         RegistryClient::new(&cfg.registry, cfg.token.clone())?,
         heartbeat,

@@ -12,7 +12,6 @@
 
 use anyhow::Context;
 use clap::Parser;
-use lockstep_api::Heartbeat;
 use lockstep_client::{HeartbeatTask, RegistryClient, Watcher, WatcherConfig};
 use lockstep_core::{parse_duration, short_id};
 use std::io::Write;
@@ -71,23 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = WatcherConfig::from_env(info.git_sha).context("configuration")?;
     let watcher = Watcher::start(cfg.clone())?;
-    let instance_id = lockstep_client::default_instance_id();
     let beats = HeartbeatTask::spawn(
         RegistryClient::new(&cfg.registry, cfg.token.clone())?,
-        Heartbeat {
-            instance_id,
-            env: cfg.env.clone(),
-            service: cfg.service.clone(),
-            version_id: cfg.version_id.clone(),
-            git_sha: Some(info.git_sha.to_string()),
-            build_date: None,
-            components: Default::default(),
-            host: None,
-            pid: Some(std::process::id()),
-            started_at: Some(time::OffsetDateTime::now_utc()),
-            endpoint: None,
-            health: Some("ok".into()),
-        },
+        lockstep_client::heartbeat_for(&cfg, Some(info.git_sha), std::process::id(), None),
         Some(watcher.clone()),
     );
     let mut queue = match args.jobs {
