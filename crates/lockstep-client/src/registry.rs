@@ -162,10 +162,11 @@ impl RegistryClient {
     ) -> Result<T, ClientError> {
         let resp = self.send(method, path, query, body).await?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        // A registry that vanishes mid-answer is unreachable, not a bad answer.
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            urls: self.urls(),
+            message: format!("the connection broke while reading the answer: {e}"),
+        })?;
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }

@@ -376,3 +376,32 @@ async fn changed_resolves_when_the_release_moves_away() {
         .expect("changed() resolves")
         .expect("task");
 }
+
+#[tokio::test]
+async fn a_registry_that_vanishes_mid_answer_counts_as_unreachable() {
+    // Promises 1,000 bytes, sends 10, hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 2048];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"environm")
+                .await;
+        }
+    });
+    let client =
+        lockstep_client::RegistryClient::new(&url, Some(ADMIN_TOKEN.into())).expect("client");
+    let err = client
+        .status(None, None)
+        .await
+        .expect_err("a cut answer is an error");
+    assert!(
+        matches!(err, lockstep_client::ClientError::Unreachable { .. }),
+        "{err}"
+    );
+}
