@@ -57,9 +57,7 @@ fn anyhow_is_used_only_in_binaries() {
         .into_iter()
         .filter(|(p, t)| {
             let s = p.to_string_lossy();
-            let is_binary = s.contains("lockstep-cli")
-                || s.contains("lockstep-bench")
-                || s.contains("/examples/");
+            let is_binary = s.contains("lockstep-cli") || s.contains("/examples/");
             let is_test = s.contains("/tests/");
             !is_binary && !is_test && t.contains("anyhow::")
         })
