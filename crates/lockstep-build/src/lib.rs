@@ -81,3 +81,36 @@ pub fn emit() {
         println!("cargo:rerun-if-changed={}", g.join("packed-refs").display());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_without_git_gets_the_unknown_sha() {
+        if std::env::var_os("LOCKSTEP_GIT_SHA").is_some() {
+            return; // an explicit override wins by design; nothing to check here
+        }
+        let dir = std::env::temp_dir().join(format!("lockstep-build-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let id = identity(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(id.git_sha, "unknown");
+        assert!(time::OffsetDateTime::parse(&id.build_date, &Rfc3339).is_ok());
+    }
+
+    #[test]
+    fn this_repository_bakes_its_full_sha() {
+        if std::env::var_os("LOCKSTEP_GIT_SHA").is_some() {
+            return;
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        if git_dir(dir).is_none() {
+            eprintln!("skipped: the source tree is not a git checkout");
+            return;
+        }
+        let id = identity(dir);
+        assert_eq!(id.git_sha.len(), 40, "{id:?}");
+        assert!(id.git_sha.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -20,6 +20,7 @@ Examples:
   lockstep token create --name edge-workers --role worker --output json")]
     Create(CreateArgs),
     /// List tokens (names and roles; secrets are never shown again).
+    #[command(after_help = "Example:\n  lockstep token list --output json")]
     List(ListArgs),
     /// Revoke a token by name; it stops working at once.
     #[command(after_help = "Example:\n  lockstep token revoke --name ci")]
