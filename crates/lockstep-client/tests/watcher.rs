@@ -186,9 +186,9 @@ async fn an_unreachable_registry_fails_open_and_then_closed_after_fail_open_for(
     };
     let open = Watcher::start(cfg(&dead, "api", "v1")).expect("watcher");
     let mut bounded_cfg = cfg(&dead, "api", "v1");
-    bounded_cfg.fail_open_for = Some(Duration::from_millis(300));
+    bounded_cfg.fail_open_for = Some(Duration::from_millis(800));
     let bounded = Watcher::start(bounded_cfg).expect("watcher");
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         open.is_current() && bounded.is_current(),
         "fail open at first"
