@@ -182,8 +182,23 @@ pub struct EnvStatus {
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusReport {
+    /// Which replica answered and which one leads background work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryInfo>,
     /// Environments, by name.
     pub environments: Vec<EnvStatus>,
+}
+
+/// The replica that answered a status request, and the leader it knows of.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegistryInfo {
+    /// The replica that answered.
+    pub replica: String,
+    /// The replica holding the leader lease (TTL scan, Redis mirror), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The store backend: `sqlite` or `postgres`.
+    pub backend: String,
 }
 
 /// History of a service, newest first.
@@ -274,4 +289,7 @@ pub struct TokenList {
 pub struct Health {
     /// `ok`, or `unavailable` (readiness only).
     pub status: String,
+    /// Which replica answered, which one leads, and the store backend (`/healthz` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryInfo>,
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cmd_fleet::{print_verdict_lines, verdict_lines};
+use crate::cmd_fleet::print_verdict_lines;
 use crate::exit::{self, fail};
 
 const SERVICE: &str = "demo-api";
@@ -129,7 +129,8 @@ async fn hit(http: &reqwest::Client, w: &Worker) -> anyhow::Result<()> {
 
 async fn verify(client: &RegistryClient) -> anyhow::Result<()> {
     let report = client.status(None, Some(SERVICE)).await?;
-    print_verdict_lines(&verdict_lines(&report, None));
+    let rules = lockstep_client::verify::Rules::default();
+    print_verdict_lines(&lockstep_client::verify::verify(&report, &rules).lines);
     Ok(())
 }
 

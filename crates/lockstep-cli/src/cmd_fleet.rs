@@ -2,7 +2,8 @@
 
 use clap::Args;
 use lockstep_api::{InstanceStatus, StatusReport};
-use lockstep_core::{Status, format_secs, short_id};
+use lockstep_client::verify::{self, Conclusion, Line, Rules};
+use lockstep_core::{format_secs, short_id};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
@@ -172,61 +173,34 @@ struct Verdict<'a> {
     instances: Vec<VerdictLine<'a>>,
 }
 
-/// One line of `verify`.
+/// One line of `verify --output json`.
 #[derive(Serialize)]
-pub(crate) struct VerdictLine<'a> {
-    pub(crate) verdict: &'static str,
+struct VerdictLine<'a> {
+    verdict: &'static str,
     env: &'a str,
     service: &'a str,
     #[serde(flatten)]
     instance: &'a InstanceStatus,
 }
 
-fn matches_expect(expect: &str, i: &InstanceStatus) -> bool {
-    let hit = |v: &str| v == expect || (expect.len() >= 7 && v.starts_with(expect));
-    hit(&i.instance.version_id) || i.instance.git_sha.as_deref().is_some_and(hit)
-}
-
-fn verdict_of(expect: Option<&str>, i: &InstanceStatus) -> &'static str {
-    match (i.status, expect) {
-        (Status::Missing, _) => "MISSING",
-        (_, Some(e)) if matches_expect(e, i) => "OK",
-        (_, Some(_)) => "STALE",
-        (Status::Current, None) => "OK",
-        (Status::Draining, None) => "DRAINING",
-        (Status::Unknown, None) => "UNKNOWN",
-        (Status::Stale, None) => "STALE",
-    }
-}
-
-/// One verdict per instance of `report`, against the registry or against `expect`.
-pub(crate) fn verdict_lines<'a>(
-    report: &'a StatusReport,
-    expect: Option<&str>,
-) -> Vec<VerdictLine<'a>> {
-    let mut lines = Vec::new();
-    for env in &report.environments {
-        for svc in &env.services {
-            for i in &svc.instances {
-                lines.push(VerdictLine {
-                    verdict: verdict_of(expect, i),
-                    env: &env.name,
-                    service: &svc.name,
-                    instance: i,
-                });
-            }
+impl<'a> From<&Line<'a>> for VerdictLine<'a> {
+    fn from(l: &Line<'a>) -> Self {
+        VerdictLine {
+            verdict: l.mark.as_str(),
+            env: l.env,
+            service: l.service,
+            instance: l.instance,
         }
     }
-    lines
 }
 
 /// Prints `[OK] service instance short-version started …` lines.
-pub(crate) fn print_verdict_lines(lines: &[VerdictLine<'_>]) {
+pub(crate) fn print_verdict_lines(lines: &[Line<'_>]) {
     for l in lines {
         let i = &l.instance.instance;
         println!(
             "[{}] {} {} {} started {}",
-            l.verdict,
+            l.mark.as_str(),
             l.service,
             i.instance_id,
             short_id(&i.version_id),
@@ -244,34 +218,36 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
     let report: StatusReport = client
         .status(a.scope.env.as_deref(), a.scope.service.as_deref())
         .await?;
-    let lines = verdict_lines(&report, a.expect.as_deref());
-    let failing = lines.iter().filter(|l| l.verdict != "OK").count();
-    let ok = failing == 0 && (!lines.is_empty() || a.allow_empty);
+    let rules = Rules {
+        expect: a.expect.as_deref(),
+        allow_empty: a.allow_empty,
+    };
+    let v = verify::verify(&report, &rules);
     if a.output == Output::Json {
         println!(
             "{}",
             serde_json::to_string_pretty(&Verdict {
-                ok,
-                failing,
-                instances: lines
+                ok: v.ok(),
+                failing: v.failing(),
+                instances: v.lines.iter().map(VerdictLine::from).collect(),
             })?
         );
     } else {
-        print_verdict_lines(&lines);
-        if lines.is_empty() {
-            if a.allow_empty {
-                println!("[OK] no instances (allowed by --allow-empty)");
-            } else {
-                println!("[FAIL] no instances found; pass --allow-empty if that is expected");
+        print_verdict_lines(&v.lines);
+        match v.conclusion {
+            Conclusion::Empty { allowed: true } => {
+                println!("[OK] no instances (allowed by --allow-empty)")
             }
-        } else if ok {
-            println!("[OK] all {} instance(s) current", lines.len());
-        } else {
-            println!(
-                "[FAIL] {failing} of {} instance(s) not current",
-                lines.len()
-            );
+            Conclusion::Empty { allowed: false } => {
+                println!("[FAIL] no instances found; pass --allow-empty if that is expected")
+            }
+            Conclusion::AllCurrent { total } => {
+                println!("[OK] all {total} instance(s) current")
+            }
+            Conclusion::NotCurrent { failing, total } => {
+                println!("[FAIL] {failing} of {total} instance(s) not current")
+            }
         }
     }
-    Ok(if ok { exit::OK } else { exit::FAILED })
+    Ok(if v.ok() { exit::OK } else { exit::FAILED })
 }

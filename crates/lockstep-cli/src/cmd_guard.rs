@@ -8,15 +8,16 @@
 //! moves away from CMD's version either stops it (SIGTERM, `--grace`, SIGKILL; exit 1, so
 //! the supervisor starts the new release) or only reports (`--on-stale=warn`).
 //! Otherwise it exits with CMD's own code.
+//!
+//! The supervision itself is `lockstep_client::supervise`; this file parses the arguments,
+//! runs the guards, and prints what the supervisor reports.
 
 use clap::{Args, ValueEnum};
+use lockstep_client::WatcherConfig;
 use lockstep_client::guard::{self, Facts};
-use lockstep_client::{HeartbeatTask, Watcher, WatcherConfig};
+use lockstep_client::supervise::{self, Event, Policy, Registration, SuperviseError};
 use lockstep_core::{parse_duration, short_id};
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::time::Duration;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::RegistryArgs;
 use crate::exit::{self, fail};
@@ -72,22 +73,6 @@ fn env(k: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn code_of(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => (c & 0xff) as u8,
-        (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
-        _ => exit::FAILED,
-    }
-}
-
-fn send_signal(pid: u32, sig: &str) {
-    // kill(1) keeps this crate free of unsafe libc calls; signals are rare events.
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
-}
-
 /// Runs the guard and supervises CMD.
 pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
     let version_id = a
@@ -109,87 +94,64 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
     if !guard::report(&guard::evaluate(&facts)) {
         return Ok(guard::EXIT_REFUSED as u8);
     }
-    if let Some(svc) = &a.service {
-        lockstep_core::validate_name("service", svc)
-            .map_err(|e| fail(exit::USAGE, e.to_string()))?;
-        let client = a.registry.client()?;
-        let v = guard::check_registry(&client, &a.env, svc, &version_id, facts.production).await;
-        if !guard::report(&v) {
-            return Ok(guard::EXIT_REFUSED as u8);
+    let registration = match &a.service {
+        Some(svc) => {
+            lockstep_core::validate_name("service", svc)
+                .map_err(|e| fail(exit::USAGE, e.to_string()))?;
+            let client = a.registry.client()?;
+            let v =
+                guard::check_registry(&client, &a.env, svc, &version_id, facts.production).await;
+            if !guard::report(&v) {
+                return Ok(guard::EXIT_REFUSED as u8);
+            }
+            let mut watcher = WatcherConfig::new(&a.registry.registry, svc, &version_id);
+            watcher.token = a.registry.token.clone();
+            watcher.env = a.env.clone();
+            Some(Registration {
+                watcher,
+                client,
+                git_sha: env("GIT_SHA"),
+            })
         }
-    }
-    supervise(a, version_id).await
+        None => None,
+    };
+    let policy = Policy {
+        on_stale: match a.on_stale {
+            OnStale::Exit => supervise::OnStale::Stop,
+            OnStale::Warn => supervise::OnStale::Warn,
+        },
+        grace: a.grace,
+    };
+    let program = a.command.first().cloned().unwrap_or_default();
+    let outcome = supervise::run(&a.command, &version_id, registration, policy, |e| {
+        print_event(&program, &version_id, &e)
+    })
+    .await
+    .map_err(|e| match e {
+        SuperviseError::NoCommand => fail(exit::USAGE, "no command given"),
+        SuperviseError::Spawn { program, source } => {
+            fail(exit::USAGE, format!("cannot start {program:?}: {source}"))
+        }
+        SuperviseError::Registry(e) => e.into(),
+        SuperviseError::Io(e) => e.into(),
+    })?;
+    Ok(outcome.exit_code())
 }
 
-async fn supervise(a: GuardArgs, version_id: String) -> anyhow::Result<u8> {
-    let (program, args) = a
-        .command
-        .split_first()
-        .ok_or_else(|| fail(exit::USAGE, "no command given"))?;
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .env("LOCKSTEP_VERSION_ID", &version_id)
-        .spawn()
-        .map_err(|e| fail(exit::USAGE, format!("cannot start {program:?}: {e}")))?;
-    let pid = child.id().unwrap_or(0);
-    let (watcher, beats) = match &a.service {
-        Some(svc) => {
-            let mut cfg = WatcherConfig::new(&a.registry.registry, svc, &version_id);
-            cfg.token = a.registry.token.clone();
-            cfg.env = a.env.clone();
-            let watcher = Watcher::start(cfg)?;
-            let hb = lockstep_client::heartbeat_for(
-                watcher.config(),
-                env("GIT_SHA").as_deref(),
-                pid,
-                None,
-            );
-            let beats = HeartbeatTask::spawn(a.registry.client()?, hb, Some(watcher.clone()));
-            (Some(watcher), Some(beats))
-        }
-        None => (None, None),
-    };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut warned = false;
-    let code = loop {
-        let stale = async {
-            match &watcher {
-                Some(w) => w.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            status = child.wait() => break code_of(status?),
-            _ = term.recv() => send_signal(pid, "TERM"),
-            _ = int.recv() => send_signal(pid, "INT"),
-            _ = stale, if !warned => {
-                let expected = watcher
-                    .as_ref()
-                    .and_then(|w| w.expected())
-                    .map(|e| short_id(&e.release.version_id).to_string())
-                    .unwrap_or_else(|| "-".into());
-                eprintln!(
-                    "[version] {} runs {} but {} is expected now",
-                    program, short_id(&version_id), expected
-                );
-                if a.on_stale == OnStale::Warn {
-                    warned = true;
-                    continue;
-                }
-                eprintln!("[version] stopping it (SIGTERM, then SIGKILL after {:?})", a.grace);
-                send_signal(pid, "TERM");
-                if tokio::time::timeout(a.grace, child.wait()).await.is_err() {
-                    eprintln!("[version] still running after the grace period: SIGKILL");
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                }
-                break exit::FAILED;
-            }
-        }
-    };
-    if let Some(b) = beats {
-        b.shutdown().await;
+fn print_event(program: &str, version_id: &str, e: &Event) {
+    match e {
+        Event::Stale { expected } => eprintln!(
+            "[version] {} runs {} but {} is expected now",
+            program,
+            short_id(version_id),
+            expected
+                .as_ref()
+                .map_or("-", |e| short_id(&e.release.version_id))
+        ),
+        Event::Stopping { grace } => eprintln!(
+            "[version] stopping it (SIGTERM, then SIGKILL after {:?})",
+            grace
+        ),
+        Event::Killing => eprintln!("[version] still running after the grace period: SIGKILL"),
     }
-    Ok(code)
 }

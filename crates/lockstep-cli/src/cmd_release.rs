@@ -5,15 +5,19 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_api::{PutRelease, RollbackRequest};
 use lockstep_client::RegistryClient;
-use lockstep_core::{Release, Status, StoredRelease, parse_duration, short_id};
+use lockstep_client::deploy::{self, CommandError, Deployment, Retry, WaitOutcome};
+use lockstep_core::{Release, StoredRelease, parse_duration, short_id};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::exit::{self, fail};
 use crate::{Output, RegistryArgs};
+
+/// How often `deploy --wait` asks the registry for the fleet's status.
+const POLL: Duration = Duration::from_millis(500);
 
 /// Environment and service.
 #[derive(Args, Clone, Debug)]
@@ -189,43 +193,44 @@ pub struct DeployArgs {
     command: Vec<String>,
 }
 
+/// Runs the deploy command through [`deploy::run_command`], saying so on stderr when an
+/// attempt fails.
 async fn run_deploy_command(
     a: &DeployArgs,
     version_id: &str,
-    deploy_time: &str,
+    deployed_at: OffsetDateTime,
 ) -> anyhow::Result<()> {
-    let (program, args) = a
-        .command
-        .split_first()
-        .ok_or_else(|| fail(exit::USAGE, "no deploy command given"))?;
-    let mut delay = a.retry_delay;
-    let attempts = a.retries.saturating_add(1);
-    for attempt in 1..=attempts {
-        let status = tokio::process::Command::new(program)
-            .args(args)
-            .env("LOCKSTEP_VERSION_ID", version_id)
-            .env("CODE_VERSION_UUID", version_id)
-            .env("DEPLOY_TIME_UTC", deploy_time)
-            .env("LOCKSTEP_SERVICE", &a.svc.service)
-            .env("LOCKSTEP_ENV", &a.svc.env)
-            .stdin(std::process::Stdio::null())
-            .status()
-            .await
-            .map_err(|e| fail(exit::USAGE, format!("cannot run {program:?}: {e}")))?;
-        if status.success() {
-            return Ok(());
-        }
-        eprintln!("deploy command failed ({status}), attempt {attempt} of {attempts}");
-        if attempt < attempts {
+    let deployment = Deployment {
+        env: &a.svc.env,
+        service: &a.svc.service,
+        version_id,
+        deployed_at,
+    };
+    let retry = Retry {
+        retries: a.retries,
+        first_delay: a.retry_delay,
+    };
+    let result = deploy::run_command(&a.command, &deployment, retry, |f| {
+        eprintln!(
+            "deploy command failed ({}), attempt {} of {}",
+            f.status, f.attempt, f.attempts
+        );
+        if let Some(delay) = f.retry_in {
             eprintln!("retrying in {}", humantime(delay));
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(60));
         }
-    }
-    Err(fail(
-        exit::FAILED,
-        format!("deploy command failed {attempts} time(s); nothing was registered"),
-    ))
+    })
+    .await;
+    result.map_err(|e| match e {
+        CommandError::NoCommand => fail(exit::USAGE, "no deploy command given"),
+        CommandError::Spawn { program, source } => {
+            fail(exit::USAGE, format!("cannot run {program:?}: {source}"))
+        }
+        CommandError::Failed { attempts, .. } => fail(
+            exit::FAILED,
+            format!("deploy command failed {attempts} time(s); nothing was registered"),
+        ),
+        e @ CommandError::Time(_) => e.into(),
+    })
 }
 
 fn humantime(d: Duration) -> String {
@@ -241,14 +246,13 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
     let client = a.registry.client()?;
     let version_id = uuid::Uuid::new_v4().to_string();
     let now = OffsetDateTime::now_utc();
-    let deploy_time = now.format(&Rfc3339)?;
     eprintln!(
         "deploying {} {} (version id {})",
         a.svc.env,
         a.svc.service,
         short_id(&version_id)
     );
-    run_deploy_command(&a, &version_id, &deploy_time).await?;
+    run_deploy_command(&a, &version_id, now).await?;
     let mut put = a.fields.clone().into_put(version_id.clone(), Some(now));
     put.release.build_date = put.release.build_date.or(Some(now));
     let stored = client
@@ -263,25 +267,24 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
     let mut code = exit::OK;
     if a.wait {
         match wait_for_fleet(&client, &a.svc, &version_id, a.timeout).await? {
-            true => eprintln!("every live instance runs {}", short_id(&version_id)),
-            false => {
+            WaitOutcome::AllCurrent { .. } => {
+                eprintln!("every live instance runs {}", short_id(&version_id))
+            }
+            WaitOutcome::TimedOut { .. } => {
                 code = exit::FAILED;
                 eprintln!(
                     "timed out after {} waiting for the fleet",
                     humantime(a.timeout)
                 );
                 if a.rollback_on_timeout {
-                    let back = client
-                        .rollback(
-                            &a.svc.env,
-                            &a.svc.service,
-                            &RollbackRequest {
-                                reason: Some(format!("deploy {} timed out", short_id(&version_id))),
-                                ..RollbackRequest::default()
-                            },
-                        )
-                        .await
-                        .context("rolling back after the timeout")?;
+                    let back = deploy::roll_back_after_timeout(
+                        &client,
+                        &a.svc.env,
+                        &a.svc.service,
+                        &version_id,
+                    )
+                    .await
+                    .context("rolling back after the timeout")?;
                     eprintln!(
                         "rolled back to {} (revision {})",
                         short_id(&back.release.version_id),
@@ -298,13 +301,14 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// Polls the status until every live instance of the service runs `version_id`.
+/// [`deploy::wait_for_fleet`] behind a progress bar; on a timeout, names the instances
+/// still on another release.
 async fn wait_for_fleet(
     client: &RegistryClient,
     svc: &ServiceArgs,
     version_id: &str,
     timeout: Duration,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<WaitOutcome> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -313,43 +317,27 @@ async fn wait_for_fleet(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(short_id(version_id).to_string());
-    let deadline = Instant::now() + timeout;
-    loop {
-        let report = client.status(Some(&svc.env), Some(&svc.service)).await?;
-        let live: Vec<_> = report
-            .environments
-            .iter()
-            .flat_map(|e| &e.services)
-            .flat_map(|s| &s.instances)
-            .filter(|i| i.status != Status::Missing)
-            .collect();
-        let done = live
-            .iter()
-            .filter(|i| i.instance.version_id == version_id)
-            .count();
-        bar.set_length(live.len() as u64);
-        bar.set_position(done as u64);
-        if !live.is_empty() && done == live.len() {
-            bar.finish_and_clear();
-            return Ok(true);
+    let outcome = deploy::wait_for_fleet(
+        client,
+        &svc.env,
+        &svc.service,
+        version_id,
+        timeout,
+        POLL,
+        |p| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.current as u64);
+            bar.tick();
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    if let WaitOutcome::TimedOut { behind, .. } = &outcome {
+        for i in behind {
+            eprintln!("  still on {}: {}", short_id(&i.version_id), i.instance_id);
         }
-        if Instant::now() >= deadline {
-            bar.finish_and_clear();
-            for i in live.iter().filter(|i| i.instance.version_id != version_id) {
-                eprintln!(
-                    "  still on {}: {}",
-                    short_id(&i.instance.version_id),
-                    i.instance.instance_id
-                );
-            }
-            return Ok(false);
-        }
-        bar.tick();
-        tokio::time::sleep(
-            Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
     }
+    Ok(outcome)
 }
 
 /// `lockstep rollback`.

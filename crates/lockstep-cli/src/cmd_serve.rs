@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use lockstep_core::parse_duration;
 use lockstep_server::{Config, Registry};
-use lockstep_store::{SqliteStore, Store};
+use lockstep_store::Store;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,9 +40,28 @@ pub struct ServeArgs {
     /// Directory of the embedded SQLite store.
     #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value = "./lockstep-data")]
     data_dir: PathBuf,
-    /// Store URL instead of the data dir: `sqlite:///path/to/dir`.
-    #[arg(long, env = "LOCKSTEP_STORE")]
+    /// Store URL instead of the data dir: `postgres://user@host/db` for several replicas
+    /// sharing one PostgreSQL, or `sqlite:///path/to/dir`.
+    #[arg(long, env = "LOCKSTEP_STORE", hide_env_values = true)]
     store: Option<String>,
+    /// This replica's id in `/v1/status`, `/healthz` and the leader lease
+    /// (default: `<hostname>-<pid>`). Must differ between replicas.
+    #[arg(long, env = "LOCKSTEP_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// How long the leader lease lasts without renewal: after a crash of the leader,
+    /// another replica takes over background work within about this long.
+    #[arg(long, env = "LOCKSTEP_LEADER_LEASE", default_value = "5s", value_parser = parse_duration)]
+    leader_lease: Duration,
+    /// Mirror live instances to Redis hashes `<prefix>:worker:<service>:version`
+    /// (best-effort, written by the leader only), e.g. `redis://127.0.0.1:6379`.
+    #[arg(long, env = "LOCKSTEP_REDIS_MIRROR", hide_env_values = true)]
+    redis_mirror: Option<String>,
+    /// Key prefix of the Redis mirror.
+    #[arg(long, env = "LOCKSTEP_REDIS_PREFIX", default_value = "lockstep")]
+    redis_prefix: String,
+    /// The environment whose instances the Redis mirror holds.
+    #[arg(long, env = "LOCKSTEP_REDIS_ENV", default_value = "production")]
+    redis_env: String,
     /// The bootstrap admin token to use instead of a generated one.
     #[arg(long, env = "LOCKSTEP_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -53,35 +72,48 @@ pub struct ServeArgs {
     #[arg(long, env = "LOCKSTEP_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
     /// Forget instances that have been missing this long.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "LOCKSTEP_INSTANCE_RETENTION", default_value = "24h", value_parser = parse_duration)]
     instance_retention: Duration,
     /// Log format on stderr.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
+/// The store URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
-    let dir = match &args.store {
-        None => args.data_dir.clone(),
-        Some(url) if url.starts_with("sqlite://") => PathBuf::from(&url["sqlite://".len()..]),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            return Err(fail(
-                exit::USAGE,
-                "this build has no PostgreSQL backend yet; use the embedded store (--data-dir)",
-            ));
-        }
-        Some(other) => {
-            return Err(fail(
-                exit::USAGE,
-                format!("unsupported --store {other:?}: use sqlite:///path"),
-            ));
-        }
+    let url = match &args.store {
+        Some(url) => url.clone(),
+        None => args.data_dir.display().to_string(),
     };
-    let store = SqliteStore::open(&dir)
+    if url.contains("://")
+        && !["sqlite://", "postgres://", "postgresql://"]
+            .iter()
+            .any(|p| url.starts_with(p))
+    {
+        return Err(fail(
+            exit::USAGE,
+            format!(
+                "unsupported --store {:?}: use postgres://… or sqlite:///path",
+                redacted(&url)
+            ),
+        ));
+    }
+    let store = lockstep_store::open_url(&url)
         .await
-        .with_context(|| format!("opening the store in {}", dir.display()))?;
-    tracing::info!(path = %dir.display(), "store: sqlite");
-    Ok(Arc::new(store))
+        .with_context(|| format!("opening the store {}", redacted(&url)))?;
+    tracing::info!(store = %redacted(&url), backend = store.backend(), "store opened");
+    Ok(store)
 }
 
 async fn shutdown_signal() {
@@ -111,16 +143,41 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         return Err(fail(exit::USAGE, "--instance-ttl must be at least 1s"));
     }
     let store = open_store(&args).await?;
-    let config = Config {
+    if args.leader_lease < Duration::from_secs(1) {
+        return Err(fail(exit::USAGE, "--leader-lease must be at least 1s"));
+    }
+    let mut config = Config {
         heartbeat_interval: args.heartbeat_interval,
         instance_ttl: args.instance_ttl,
         instance_retention: args.instance_retention,
+        lease_ttl: args.leader_lease,
+        lease_renew: (args.leader_lease / 5)
+            .clamp(Duration::from_millis(200), Duration::from_secs(1)),
         ..Config::default()
     };
-    let registry = Registry::open(
+    if let Some(id) = args.replica_id.clone().filter(|s| !s.is_empty()) {
+        config.replica_id = id;
+    }
+    let mirror = match &args.redis_mirror {
+        Some(url) => {
+            let m = lockstep_mirror::Mirror::start(lockstep_mirror::MirrorConfig {
+                url: url.clone(),
+                prefix: args.redis_prefix.clone(),
+                env: args.redis_env.clone(),
+            })
+            .map_err(|e| fail(exit::USAGE, format!("--redis-mirror: {e}")))?;
+            tracing::info!(prefix = %args.redis_prefix, env = %args.redis_env,
+                "redis mirror on (written by the leader)");
+            Some(m)
+        }
+        None => None,
+    };
+    tracing::info!(replica = %config.replica_id, "replica");
+    let registry = Registry::open_with_mirror(
         store,
         config,
         args.admin_token.as_deref().filter(|t| !t.is_empty()),
+        mirror,
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

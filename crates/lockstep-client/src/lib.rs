@@ -8,16 +8,23 @@
 //! - [`VersionCheckLayer`]: a tower layer answering 503 while stale.
 //! - [`HeartbeatTask`]: registration, heartbeats and deregistration.
 //! - [`RegistryClient`]: every v1 call, with ordered failover across registry URLs.
+//! - [`deploy`]: the deploy command and its retries, waiting for the fleet, rollback.
+//! - [`verify`]: which instances of a status report pass, and whether the fleet does.
+//! - [`supervise`]: running a worker in any language, stopping it when it becomes stale.
 //!
 //! Job workers check `watcher.is_current()` before each job and `select!` on
 //! `watcher.changed()` to drain and exit.
 
 mod build_info;
+pub mod deploy;
 pub mod guard;
 mod heartbeat;
 mod layer;
 mod registry;
 pub mod sse;
+#[cfg(unix)]
+pub mod supervise;
+pub mod verify;
 mod watcher;
 
 pub use build_info::BuildInfo;

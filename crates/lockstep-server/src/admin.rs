@@ -4,19 +4,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use lockstep_api::{
-    CreateToken, CreatedToken, ErrorBody, EventPage, Health, TokenInfo, TokenList, codes,
-};
-use lockstep_core::{Status, validate_name};
-use lockstep_store::{NewEvent, StoredToken};
+use lockstep_api::{CreateToken, CreatedToken, ErrorBody, EventPage, Health, TokenInfo, TokenList};
+use lockstep_core::Status;
 use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use time::OffsetDateTime;
 
 use crate::auth::{self, Auth};
-use crate::auth::{Principal, generate_token, hash_token};
 use crate::error::ApiError;
 use crate::json::JsonBody;
 use crate::state::AppState;
@@ -40,7 +35,11 @@ pub async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let events = st.store.events_since(q.since.unwrap_or(0), limit).await?;
+    let events = st
+        .service
+        .store()
+        .events_since(q.since.unwrap_or(0), limit)
+        .await?;
     Ok(Json(EventPage { events }))
 }
 
@@ -53,59 +52,11 @@ pub async fn create_token(
     State(st): State<Arc<AppState>>,
     JsonBody(req): JsonBody<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    validate_name("token", &req.name)?;
-    let token = generate_token();
-    let hash = hash_token(&token);
-    st.store
-        .create_token(StoredToken {
-            name: req.name.clone(),
-            role: req.role,
-            hash: hex::encode(hash),
-            created_at: OffsetDateTime::now_utc(),
-        })
+    let created = st
+        .service
+        .create_token(&req.name, req.role, &who.name)
         .await?;
-    st.tokens.insert(
-        hash,
-        Principal {
-            name: req.name.clone(),
-            role: req.role,
-        },
-    );
-    log_event(
-        &st,
-        "token_created",
-        &who.name,
-        serde_json::json!({"name": req.name, "role": req.role}),
-    )
-    .await?;
-    tracing::info!(name = %req.name, role = %req.role, actor = %who.name, "token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            name: req.name,
-            role: req.role,
-            token,
-        }),
-    ))
-}
-
-async fn log_event(
-    st: &AppState,
-    kind: &str,
-    actor: &str,
-    data: serde_json::Value,
-) -> Result<(), ApiError> {
-    let ev = st
-        .store
-        .append_event(NewEvent {
-            kind: kind.into(),
-            actor: Some(actor.into()),
-            data,
-            ..NewEvent::default()
-        })
-        .await?;
-    st.publish_events([ev]);
-    Ok(())
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Lists tokens (names and roles, never secrets).
@@ -117,7 +68,8 @@ pub async fn list_tokens(
     State(st): State<Arc<AppState>>,
 ) -> Result<Json<TokenList>, ApiError> {
     let tokens = st
-        .store
+        .service
+        .store()
         .tokens()
         .await?
         .into_iter()
@@ -139,29 +91,21 @@ pub async fn revoke_token(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !st.store.revoke_token(&name).await? {
-        return Err(ApiError::NotFound(
-            codes::NOT_FOUND,
-            format!("no token named {name:?}"),
-        ));
-    }
-    st.tokens.remove(&name);
-    log_event(
-        &st,
-        "token_revoked",
-        &who.name,
-        serde_json::json!({"name": name}),
-    )
-    .await?;
-    tracing::info!(name = %name, actor = %who.name, "token revoked");
+    st.service.revoke_token(&name, &who.name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
-pub async fn healthz() -> Json<Health> {
+pub async fn healthz(State(st): State<Arc<AppState>>) -> Json<Health> {
+    let lead = st.service.leadership();
     Json(Health {
         status: "ok".into(),
+        registry: Some(lockstep_api::RegistryInfo {
+            replica: lead.replica().to_string(),
+            leader: lead.leader(),
+            backend: st.service.store().backend().to_string(),
+        }),
     })
 }
 
@@ -172,9 +116,10 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<Health>, Api
     if *st.shutdown.borrow() {
         return Err(ApiError::Unavailable);
     }
-    match st.store.ping().await {
+    match st.service.store().ping().await {
         Ok(()) => Ok(Json(Health {
             status: "ok".into(),
+            registry: None,
         })),
         Err(e) => {
             tracing::error!(error = %e, "readiness: store does not answer");
@@ -199,13 +144,16 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "lockstep_heartbeats_total",
         "Heartbeats accepted.",
         "counter",
-        c.heartbeats.load(Ordering::Relaxed) as i64,
+        st.service.heartbeats.load(Ordering::Relaxed) as i64,
     );
     gauge(
         "lockstep_release_changes_total",
         "Registrations and rollbacks that changed an expected release.",
         "counter",
-        c.changes.load(Ordering::Relaxed) as i64,
+        st.service
+            .projection()
+            .changes_applied
+            .load(Ordering::Relaxed) as i64,
     );
     gauge(
         "lockstep_watchers",
@@ -219,7 +167,43 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "gauge",
         c.event_streams.load(Ordering::Relaxed),
     );
-    let report = crate::status::report(&st, &Default::default());
+    let lead = st.service.leadership();
+    gauge(
+        "lockstep_leader",
+        "1 when this replica holds the leader lease.",
+        "gauge",
+        i64::from(lead.is_leader()),
+    );
+    if let Some(m) = st.service.mirror() {
+        let ms = m.stats();
+        gauge(
+            "lockstep_redis_mirror_writes_total",
+            "Commands the Redis mirror applied.",
+            "counter",
+            ms.writes as i64,
+        );
+        gauge(
+            "lockstep_redis_mirror_errors_total",
+            "Redis mirror failures (Redis down or refusing).",
+            "counter",
+            ms.errors as i64,
+        );
+        gauge(
+            "lockstep_redis_mirror_pending",
+            "Mirror updates waiting to be written.",
+            "gauge",
+            ms.pending as i64,
+        );
+        gauge(
+            "lockstep_redis_mirror_up",
+            "1 when the last write to Redis succeeded.",
+            "gauge",
+            i64::from(ms.up),
+        );
+    }
+    let Ok(report) = crate::status::report(&st, &Default::default()) else {
+        return ApiError::Unavailable.into_response();
+    };
     let mut counts = [0i64; 5];
     for env in &report.environments {
         for svc in &env.services {

@@ -177,7 +177,11 @@ impl<R: Requirement> axum::extract::FromRequestParts<std::sync::Arc<crate::state
         parts: &mut axum::http::request::Parts,
         state: &std::sync::Arc<crate::state::AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let p = state.tokens.authorize(&parts.headers, R::ROLE)?;
+        let p = state
+            .service
+            .projection()
+            .tokens
+            .authorize(&parts.headers, R::ROLE)?;
         Ok(Auth(p, std::marker::PhantomData))
     }
 }

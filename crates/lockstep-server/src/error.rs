@@ -110,6 +110,11 @@ impl From<StoreError> for ApiError {
                 codes::NO_RELEASE,
                 format!("no release registered for {service} in {env}"),
             ),
+            // The database is away (or refusing): retryable, and said without detail.
+            StoreError::Database(e) => {
+                tracing::error!(error = %e, "store failure");
+                ApiError::Unavailable
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::Internal
@@ -120,6 +125,26 @@ impl From<StoreError> for ApiError {
 
 /// Rewrites a non-JSON error answer (axum's own rejections) as a lockstep error body,
 /// keeping its status and using its text as the message.
+impl From<crate::service::Poisoned> for ApiError {
+    fn from(e: crate::service::Poisoned) -> Self {
+        tracing::error!(error = %e, "answering 503");
+        ApiError::Unavailable
+    }
+}
+
+impl From<crate::service::RegistryError> for ApiError {
+    fn from(e: crate::service::RegistryError) -> Self {
+        use crate::service::RegistryError as R;
+        match e {
+            R::Rule(r) => r.into(),
+            R::BadRequest(m) => ApiError::BadRequest(m),
+            R::NotFound(m) => ApiError::NotFound(codes::NOT_FOUND, m),
+            R::Store(s) => s.into(),
+            R::Unavailable(p) => p.into(),
+        }
+    }
+}
+
 pub(crate) async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp

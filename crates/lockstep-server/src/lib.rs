@@ -13,6 +13,7 @@ mod instances;
 mod json;
 mod openapi;
 mod releases;
+pub mod service;
 mod state;
 mod status;
 mod stream;
@@ -20,23 +21,18 @@ mod stream;
 pub use auth::{generate_token, hash_token};
 pub use error::ApiError;
 pub use openapi::ApiDoc;
-pub use state::Config;
+pub use service::{BOOTSTRAP_TOKEN_NAME, RegistryError, RegistryService};
+pub use state::{Config, default_replica_id};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
-use lockstep_core::Role;
-use lockstep_store::{Store, StoreError, StoredToken};
-use std::sync::{Arc, Mutex, RwLock};
-use time::OffsetDateTime;
+use lockstep_store::{Store, StoreError};
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
-use crate::auth::{Principal, TokenSet};
-use crate::state::{AppState, Change, Counters, Tracked};
-
-/// Name of the bootstrap admin token.
-pub const BOOTSTRAP_TOKEN_NAME: &str = "admin";
+use crate::state::{AppState, Counters};
 
 /// Errors starting the registry.
 #[derive(Debug, thiserror::Error)]
@@ -65,76 +61,22 @@ impl Registry {
         config: Config,
         admin_token: Option<&str>,
     ) -> Result<Registry, ServeError> {
-        let mut generated = None;
-        let bootstrap = match admin_token {
-            Some(t) => Some(t.to_string()),
-            None if store.tokens().await?.is_empty() => {
-                let t = generate_token();
-                generated = Some(t.clone());
-                Some(t)
-            }
-            None => None,
-        };
-        if let Some(t) = bootstrap {
-            store
-                .upsert_token(StoredToken {
-                    name: BOOTSTRAP_TOKEN_NAME.into(),
-                    role: Role::Admin,
-                    hash: hex::encode(hash_token(&t)),
-                    created_at: OffsetDateTime::now_utc(),
-                })
-                .await?;
-        }
-        let tokens = TokenSet::default();
-        let mut entries = Vec::new();
-        for t in store.tokens().await? {
-            let mut hash = [0u8; 32];
-            if hex::decode_to_slice(&t.hash, &mut hash).is_ok() {
-                entries.push((
-                    hash,
-                    Principal {
-                        name: t.name,
-                        role: t.role,
-                    },
-                ));
-            }
-        }
-        tokens.replace(entries);
-        let mut releases: std::collections::HashMap<
-            String,
-            std::collections::HashMap<String, Arc<Change>>,
-        > = Default::default();
-        for r in store.all_expected().await? {
-            releases
-                .entry(r.env.clone())
-                .or_default()
-                .insert(r.service.clone(), Change::new(r));
-        }
-        let instances = store
-            .load_instances()
-            .await?
-            .into_iter()
-            .map(|i| {
-                (
-                    i.instance_id.clone(),
-                    Tracked {
-                        instance: i,
-                        reported_missing: false,
-                    },
-                )
-            })
-            .collect();
+        Self::open_with_mirror(store, config, admin_token, None).await
+    }
+
+    /// Like [`Registry::open`], with the Redis mirror that the leader keeps up to date.
+    pub async fn open_with_mirror(
+        store: Arc<dyn Store>,
+        config: Config,
+        admin_token: Option<&str>,
+        mirror: Option<lockstep_mirror::Mirror>,
+    ) -> Result<Registry, ServeError> {
+        let (service, generated) =
+            RegistryService::open(store, config.clone(), admin_token, mirror).await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = Arc::new(AppState {
-            store,
+            service,
             config,
-            releases: RwLock::new(releases),
-            instances: Mutex::new(instances),
-            dirty: Mutex::new(Default::default()),
-            tokens,
-            changes: broadcast::channel(1024).0,
-            events: broadcast::channel(1024).0,
-            write_lock: tokio::sync::Mutex::new(()),
             shutdown: shutdown_rx,
             counters: Counters::default(),
         });
@@ -143,6 +85,11 @@ impl Registry {
             shutdown_tx,
             generated_admin_token: generated,
         })
+    }
+
+    /// The registry service behind the API (for in-process callers and tests).
+    pub fn service(&self) -> &Arc<RegistryService> {
+        &self.state.service
     }
 
     /// The HTTP API.
@@ -214,7 +161,10 @@ impl Registry {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let background = tokio::spawn(instances::run_background(self.state.clone()));
+        let background = self
+            .state
+            .service
+            .spawn_background(self.state.shutdown.clone());
         let service = hyper_util::service::TowerToHyperService::new(self.router());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let http = hyper::server::conn::http1::Builder::new();
@@ -249,8 +199,10 @@ impl Registry {
         {
             tracing::warn!("some connections did not finish within 30 s");
         }
-        let _ = background.await;
-        let n = instances::flush(&self.state).await;
+        for task in background {
+            let _ = task.await;
+        }
+        let n = self.state.service.stop().await;
         tracing::info!(flushed = n, "heartbeats flushed; bye");
         Ok(())
     }

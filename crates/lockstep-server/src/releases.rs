@@ -5,23 +5,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use lockstep_api::{ErrorBody, PutRelease, ReleaseHistory, RollbackRequest, codes};
-use lockstep_core::{StoredRelease, short_id, validate_name, validate_version_id};
-use lockstep_store::{Registration, Rollback};
+use lockstep_core::StoredRelease;
 use serde::Deserialize;
 use std::sync::Arc;
-use time::OffsetDateTime;
 
 use crate::auth::{self, Auth};
 use crate::error::ApiError;
 use crate::json::JsonBody;
-use crate::state::{AppState, Change};
-
-/// Checks the `{env}` and `{svc}` path segments.
-pub(crate) fn check_path(env: &str, service: &str) -> Result<(), ApiError> {
-    validate_name("environment", env)?;
-    validate_name("service", service)?;
-    Ok(())
-}
+use crate::service::check_scope;
+use crate::state::AppState;
 
 /// The expected release of a service.
 #[utoipa::path(get, path = "/v1/envs/{env}/services/{svc}/release", tag = "releases",
@@ -34,9 +26,11 @@ pub async fn get_release(
     State(st): State<Arc<AppState>>,
     Path((env, svc)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    check_path(&env, &svc)?;
+    check_scope(&env, &svc)?;
     let change = st
-        .expected(&env, &svc)
+        .service
+        .projection()
+        .expected(&env, &svc)?
         .ok_or_else(|| no_release(&env, &svc))?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
@@ -66,38 +60,8 @@ pub async fn put_release(
     Path((env, svc)): Path<(String, String)>,
     JsonBody(body): JsonBody<PutRelease>,
 ) -> Result<Json<StoredRelease>, ApiError> {
-    check_path(&env, &svc)?;
-    validate_version_id(&body.release.version_id)?;
-    for a in &body.release.accepts {
-        validate_version_id(a)?;
-    }
-    let mut release = body.release;
-    if release.deployed_at.is_none() {
-        release.deployed_at = Some(OffsetDateTime::now_utc());
-    }
-    let reason = release.reason.take();
-    let _guard = st.write_lock.lock().await;
-    let out = st
-        .store
-        .register(Registration {
-            env: env.clone(),
-            service: svc.clone(),
-            release,
-            force: body.force,
-            actor: who.name.clone(),
-            reason,
-        })
-        .await
-        .inspect_err(|e| {
-            tracing::warn!(env = %env, service = %svc, actor = %who.name, error = %e, "registration refused");
-        })?;
-    if out.changed {
-        tracing::info!(env = %env, service = %svc, version = %short_id(&out.release.release.version_id),
-            revision = out.release.revision, actor = %who.name, "release registered");
-        st.publish(Change::new(out.release.clone()));
-        st.publish_events(out.event);
-    }
-    Ok(Json(out.release))
+    let stored = st.service.register(&env, &svc, body, &who.name).await?;
+    Ok(Json(stored))
 }
 
 /// Query of the history endpoint.
@@ -118,9 +82,9 @@ pub async fn history(
     Path((env, svc)): Path<(String, String)>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<ReleaseHistory>, ApiError> {
-    check_path(&env, &svc)?;
+    check_scope(&env, &svc)?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let releases = st.store.history(&env, &svc, limit).await?;
+    let releases = st.service.store().history(&env, &svc, limit).await?;
     Ok(Json(ReleaseHistory { releases }))
 }
 
@@ -137,31 +101,6 @@ pub async fn rollback(
     Path((env, svc)): Path<(String, String)>,
     JsonBody(body): JsonBody<RollbackRequest>,
 ) -> Result<Json<StoredRelease>, ApiError> {
-    check_path(&env, &svc)?;
-    if let Some(v) = &body.version_id {
-        validate_version_id(v)?;
-    }
-    let _guard = st.write_lock.lock().await;
-    let out = st
-        .store
-        .rollback(Rollback {
-            env: env.clone(),
-            service: svc.clone(),
-            to: body.version_id,
-            force: body.force,
-            actor: who.name.clone(),
-            reason: body.reason,
-            data: serde_json::json!({ "now": body.now, "force": body.force }),
-        })
-        .await
-        .inspect_err(|e| {
-            tracing::warn!(env = %env, service = %svc, actor = %who.name, error = %e, "rollback refused");
-        })?;
-    if out.changed {
-        tracing::warn!(env = %env, service = %svc, version = %short_id(&out.release.release.version_id),
-            revision = out.release.revision, actor = %who.name, "rolled back");
-        st.publish(Change::new(out.release.clone()));
-        st.publish_events(out.event);
-    }
-    Ok(Json(out.release))
+    let stored = st.service.rollback(&env, &svc, body, &who.name).await?;
+    Ok(Json(stored))
 }

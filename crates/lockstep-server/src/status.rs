@@ -3,7 +3,9 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use lockstep_api::{EnvStatus, ErrorBody, InstanceStatus, ServiceStatus, StatusReport};
+use lockstep_api::{
+    EnvStatus, ErrorBody, InstanceStatus, RegistryInfo, ServiceStatus, StatusReport,
+};
 use lockstep_core::{StatusCounts, drift_secs, instance_status};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -12,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::auth::{self, Auth};
 use crate::error::ApiError;
-use crate::instances::is_missing;
+use crate::service::Poisoned;
 use crate::state::AppState;
 
 /// Filters of `/v1/status`.
@@ -25,38 +27,33 @@ pub struct StatusQuery {
 }
 
 /// Builds the report (also used by `/metrics`).
-pub fn report(st: &AppState, q: &StatusQuery) -> StatusReport {
+pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
     let ttl = st.config.instance_ttl.as_secs();
     let keep = |env: &str, svc: &str| {
         q.env.as_deref().is_none_or(|e| e == env) && q.service.as_deref().is_none_or(|s| s == svc)
     };
     let mut tree: BTreeMap<String, BTreeMap<String, ServiceStatus>> = BTreeMap::new();
-    if let Ok(g) = st.releases.read() {
-        for (env, services) in g.iter() {
-            for (svc, change) in services {
-                if keep(env, svc) {
-                    tree.entry(env.clone()).or_default().insert(
-                        svc.clone(),
-                        ServiceStatus {
-                            name: svc.clone(),
-                            expected: Some(change.release.clone()),
-                            instances: Vec::new(),
-                            counts: StatusCounts::default(),
-                        },
-                    );
-                }
-            }
+    let projection = st.service.projection();
+    for change in projection.all_expected()? {
+        let (env, svc) = (&change.release.env, &change.release.service);
+        if keep(env, svc) {
+            tree.entry(env.clone()).or_default().insert(
+                svc.clone(),
+                ServiceStatus {
+                    name: svc.clone(),
+                    expected: Some(change.release.clone()),
+                    instances: Vec::new(),
+                    counts: StatusCounts::default(),
+                },
+            );
         }
     }
-    let instances: Vec<_> = match st.instances.lock() {
-        Ok(map) => map
-            .values()
-            .filter(|t| keep(&t.instance.env, &t.instance.service))
-            .map(|t| t.instance.clone())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
+    let instances: Vec<_> = projection
+        .instances()?
+        .into_iter()
+        .filter(|i| keep(&i.env, &i.service))
+        .collect();
     for inst in instances {
         let svc = tree
             .entry(inst.env.clone())
@@ -68,7 +65,7 @@ pub fn report(st: &AppState, q: &StatusQuery) -> StatusReport {
                 instances: Vec::new(),
                 counts: StatusCounts::default(),
             });
-        let missing = is_missing(st, inst.last_seen, now);
+        let missing = now - inst.last_seen > st.config.instance_ttl;
         let expected = svc.expected.as_ref();
         let status = instance_status(
             expected.map(|e| &e.release),
@@ -84,7 +81,13 @@ pub fn report(st: &AppState, q: &StatusQuery) -> StatusReport {
             drift_secs: drift,
         });
     }
-    StatusReport {
+    let lead = st.service.leadership();
+    Ok(StatusReport {
+        registry: Some(RegistryInfo {
+            replica: lead.replica().to_string(),
+            leader: lead.leader(),
+            backend: st.service.store().backend().to_string(),
+        }),
         environments: tree
             .into_iter()
             .map(|(name, services)| EnvStatus {
@@ -99,7 +102,7 @@ pub fn report(st: &AppState, q: &StatusQuery) -> StatusReport {
                     .collect(),
             })
             .collect(),
-    }
+    })
 }
 
 /// Every environment, service, expected release and instance with its status.
@@ -111,5 +114,5 @@ pub async fn status(
     State(st): State<Arc<AppState>>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<StatusReport>, ApiError> {
-    Ok(Json(report(&st, &q)))
+    Ok(Json(report(&st, &q)?))
 }

@@ -23,7 +23,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::auth::{self, Auth};
 use crate::error::ApiError;
-use crate::state::{AppState, Change};
+use crate::service::Change;
+use crate::state::AppState;
 
 /// How many backlog items one store read fetches.
 const PAGE: u32 = 1000;
@@ -178,13 +179,13 @@ pub async fn watch(
         Some(id) => Some(id),
         None => q.since,
     };
-    let rx = st.changes.subscribe();
+    let rx = st.service.projection().subscribe_changes();
     let (env, service) = (q.env.clone(), q.service.clone());
     let filter: Filter<Change> = Arc::new(move |c: &Change| {
         env.as_deref().is_none_or(|e| e == c.release.env)
             && service.as_deref().is_none_or(|s| s == c.release.service)
     });
-    let store = st.store.clone();
+    let store = st.service.store().clone();
     let fetch: Fetch<Change> = Arc::new(move |since| {
         let store = store.clone();
         Box::pin(async move {
@@ -195,15 +196,13 @@ pub async fn watch(
     let (backlog, last) = match since {
         Some(since) => (backlog(&fetch, since).await?, since),
         None => {
-            let mut current: Vec<Arc<Change>> = match st.releases.read() {
-                Ok(g) => g
-                    .values()
-                    .flat_map(|m| m.values().cloned())
-                    .filter(|c| filter(c))
-                    .collect(),
-                Err(_) => return Err(ApiError::Internal),
-            };
-            current.sort_by_key(|c| c.release.revision);
+            let current: Vec<Arc<Change>> = st
+                .service
+                .projection()
+                .all_expected()?
+                .into_iter()
+                .filter(|c| filter(c))
+                .collect();
             (current.into_iter().collect(), 0)
         }
     };
@@ -243,8 +242,8 @@ pub async fn event_stream(
         Some(id) => Some(id),
         None => q.since,
     };
-    let rx = st.events.subscribe();
-    let store = st.store.clone();
+    let rx = st.service.projection().subscribe_events();
+    let store = st.service.store().clone();
     let fetch: Fetch<Event> = Arc::new(move |since| {
         let store = store.clone();
         Box::pin(async move {

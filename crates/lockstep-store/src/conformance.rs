@@ -1,12 +1,14 @@
 //! The behaviour every [`Store`] backend must have. Each backend's test calls [`run`] with a
-//! fresh, empty store; a failed expectation panics with what was expected.
+//! fresh, empty store, and [`run_concurrent`] with two handles on one fresh database (two
+//! replicas); a failed expectation panics with what was expected.
 
 use lockstep_core::{Instance, Release, Role};
 use std::collections::BTreeMap;
-use time::OffsetDateTime;
+use std::sync::Arc;
 use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
 
-use crate::{NewEvent, Registration, Rollback, Store, StoreError, StoredToken};
+use crate::{InstanceChange, NewEvent, Registration, Rollback, Store, StoreError, StoredToken};
 
 fn reg(service: &str, id: &str, built: Option<OffsetDateTime>, force: bool) -> Registration {
     let mut release = Release::new(id);
@@ -65,6 +67,8 @@ pub async fn run(store: &dyn Store) {
     events_are_appended_in_order(store).await;
     tokens_are_unique_and_revocable(store).await;
     instances_round_trip(store).await;
+    leases_elect_one_holder_and_expire(store).await;
+    missing_instances_are_reported_once_by_the_leader_only(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -271,31 +275,85 @@ async fn tokens_are_unique_and_revocable(store: &dyn Store) {
         hash: hash.into(),
         created_at: datetime!(2026-11-01 0:00 UTC),
     };
-    store
-        .create_token(t("ci", "h1", Role::Deployer))
+    let created = store
+        .create_token(t("ci", "h1", Role::Deployer), "root")
         .await
         .expect("create");
+    assert_eq!(created.kind, "token_created");
+    assert_eq!(created.actor.as_deref(), Some("root"));
+    assert_eq!(created.data["name"], "ci");
     assert!(matches!(
-        store.create_token(t("ci", "h2", Role::Viewer)).await,
+        store
+            .create_token(t("ci", "h2", Role::Viewer), "root")
+            .await,
         Err(StoreError::Conflict(_))
     ));
-    store
+    let first = store
         .upsert_token(t("admin", "h3", Role::Admin))
         .await
         .expect("upsert");
+    assert!(first.is_some(), "a new bootstrap token is logged");
+    let same = store
+        .upsert_token(t("admin", "h3", Role::Admin))
+        .await
+        .expect("upsert same");
+    assert!(same.is_none(), "an unchanged bootstrap token is not logged");
     store
         .upsert_token(t("admin", "h4", Role::Admin))
         .await
-        .expect("upsert again");
+        .expect("upsert again")
+        .expect("a changed bootstrap token is logged");
     let all = store.tokens().await.expect("tokens");
     assert_eq!(all.len(), 2);
     assert!(all.iter().any(|x| x.name == "admin" && x.hash == "h4"));
-    assert!(store.revoke_token("ci").await.expect("revoke"));
-    assert!(!store.revoke_token("ci").await.expect("revoke twice"));
+    let revoked = store
+        .revoke_token("ci", "root")
+        .await
+        .expect("revoke")
+        .expect("revoked");
+    assert_eq!(revoked.kind, "token_revoked");
+    assert!(revoked.id > created.id);
+    assert!(
+        store
+            .revoke_token("ci", "root")
+            .await
+            .expect("revoke twice")
+            .is_none()
+    );
     assert_eq!(store.tokens().await.expect("tokens").len(), 1);
 }
 
+/// Every instance change after `since`, paged.
+async fn all_instance_changes(store: &dyn Store, since: i64) -> Vec<InstanceChange> {
+    let mut out: Vec<InstanceChange> = Vec::new();
+    let mut cursor = since;
+    loop {
+        let page = store.instances_since(cursor, 2).await.expect("instances");
+        let Some(last) = page.last() else {
+            return out;
+        };
+        cursor = last.seq;
+        out.extend(page);
+    }
+}
+
+/// The live instances as a projection sees them: the last change per id.
+async fn live_instances(store: &dyn Store) -> BTreeMap<String, Instance> {
+    let mut live = BTreeMap::new();
+    for c in all_instance_changes(store, 0).await {
+        match c.instance {
+            Some(i) => live.insert(c.instance_id, i),
+            None => live.remove(&c.instance_id),
+        };
+    }
+    live
+}
+
 async fn instances_round_trip(store: &dyn Store) {
+    let start = all_instance_changes(store, 0)
+        .await
+        .last()
+        .map_or(0, |c| c.seq);
     let a = instance("i-a", "v1");
     let mut b = instance("i-b", "v1");
     store
@@ -303,16 +361,369 @@ async fn instances_round_trip(store: &dyn Store) {
         .await
         .expect("save");
     b.version_id = "v2".into();
+    b.last_seen += Duration::seconds(1);
     store
         .save_instances(std::slice::from_ref(&b))
         .await
         .expect("update");
-    let mut got = store.load_instances().await.expect("load");
-    got.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
-    assert_eq!(got, vec![a, b]);
-    store
-        .delete_instances(&["i-a".to_string()])
+    let changes = all_instance_changes(store, start).await;
+    assert!(
+        changes.windows(2).all(|w| w[0].seq < w[1].seq),
+        "the instance feed is ordered"
+    );
+    assert_eq!(
+        changes.len(),
+        2,
+        "one row per instance, at the position of its latest write: {changes:?}"
+    );
+    assert_eq!(changes[1].instance_id, "i-b", "the update moved i-b last");
+    let live = live_instances(store).await;
+    assert_eq!(live.get("i-a"), Some(&a));
+    assert_eq!(live.get("i-b"), Some(&b));
+
+    // A flush from a replica holding an older heartbeat never overwrites a newer one.
+    let mut older = b.clone();
+    older.version_id = "v0".into();
+    older.last_seen -= Duration::seconds(5);
+    store.save_instances(&[older]).await.expect("stale flush");
+    assert_eq!(
+        live_instances(store).await.get("i-b"),
+        Some(&b),
+        "an older heartbeat is ignored"
+    );
+
+    let (gone, ev) = store
+        .deregister_instance("i-a", "worker")
         .await
-        .expect("delete");
-    assert_eq!(store.load_instances().await.expect("load").len(), 1);
+        .expect("deregister")
+        .expect("was registered");
+    assert_eq!(gone.instance_id, "i-a");
+    assert_eq!(ev.kind, "instance_deregistered");
+    assert_eq!(ev.actor.as_deref(), Some("worker"));
+    assert!(
+        store
+            .deregister_instance("i-a", "worker")
+            .await
+            .expect("deregister twice")
+            .is_none()
+    );
+    assert!(!live_instances(store).await.contains_key("i-a"));
+    // A heartbeat flushed late, older than the deregistration, does not bring it back...
+    store
+        .save_instances(std::slice::from_ref(&a))
+        .await
+        .expect("late flush");
+    assert!(!live_instances(store).await.contains_key("i-a"));
+    // ...a new heartbeat does.
+    let mut back = a.clone();
+    back.last_seen = OffsetDateTime::now_utc() + Duration::seconds(2);
+    store.save_instances(&[back.clone()]).await.expect("back");
+    assert_eq!(live_instances(store).await.get("i-a"), Some(&back));
+}
+
+async fn leases_elect_one_holder_and_expire(store: &dyn Store) {
+    let ttl = std::time::Duration::from_millis(400);
+    let a = store
+        .acquire_lease("conf-lease", "replica-a", ttl)
+        .await
+        .expect("acquire");
+    assert!(a.held && a.holder == "replica-a");
+    let b = store
+        .acquire_lease("conf-lease", "replica-b", ttl)
+        .await
+        .expect("contend");
+    assert!(!b.held, "a held lease is not taken");
+    assert_eq!(b.holder, "replica-a");
+    let renewed = store
+        .acquire_lease("conf-lease", "replica-a", ttl)
+        .await
+        .expect("renew");
+    assert!(renewed.held && renewed.expires_at >= a.expires_at);
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(100)).await;
+    let b = store
+        .acquire_lease("conf-lease", "replica-b", ttl)
+        .await
+        .expect("take over");
+    assert!(b.held, "an expired lease is taken over");
+    store
+        .release_lease("conf-lease", "replica-a")
+        .await
+        .expect("release by a non-holder is a no-op");
+    assert!(
+        !store
+            .acquire_lease("conf-lease", "replica-a", ttl)
+            .await
+            .expect("contend")
+            .held
+    );
+    store
+        .release_lease("conf-lease", "replica-b")
+        .await
+        .expect("release");
+    assert!(
+        store
+            .acquire_lease("conf-lease", "replica-a", ttl)
+            .await
+            .expect("after release")
+            .held,
+        "a released lease is free at once"
+    );
+}
+
+async fn missing_instances_are_reported_once_by_the_leader_only(store: &dyn Store) {
+    let ttl = std::time::Duration::from_secs(30);
+    let now = OffsetDateTime::now_utc();
+    let mut old = instance("m-old", "v1");
+    old.last_seen = now - Duration::seconds(60);
+    let fresh = instance("m-fresh", "v1");
+    store
+        .save_instances(&[old.clone(), fresh.clone()])
+        .await
+        .expect("save");
+    assert!(matches!(
+        store
+            .mark_missing("nobody", now - Duration::seconds(30))
+            .await,
+        Err(StoreError::NotLeader)
+    ));
+    assert!(
+        store
+            .acquire_lease(crate::LEADER_LEASE, "leader-1", ttl)
+            .await
+            .expect("lease")
+            .held
+    );
+    let evs = store
+        .mark_missing("leader-1", now - Duration::seconds(30))
+        .await
+        .expect("mark");
+    let ids: Vec<_> = evs
+        .iter()
+        .filter(|e| {
+            e.data["instance_id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("m-"))
+        })
+        .map(|e| {
+            e.data["instance_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["m-old"], "only the silent instance is missing");
+    assert_eq!(evs[0].kind, "instance_missing");
+    assert!(
+        evs[0].data["last_seen"]
+            .as_str()
+            .is_some_and(|s| s.contains('T')),
+        "last_seen is RFC 3339"
+    );
+    let again = store
+        .mark_missing("leader-1", now - Duration::seconds(30))
+        .await
+        .expect("mark again");
+    assert!(again.is_empty(), "reported once: {again:?}");
+    // It heartbeats again, then goes silent again: reported a second time.
+    let mut back = old.clone();
+    back.last_seen = now - Duration::seconds(40);
+    store.save_instances(&[back]).await.expect("back");
+    let evs = store
+        .mark_missing("leader-1", now - Duration::seconds(30))
+        .await
+        .expect("mark after return");
+    assert_eq!(evs.len(), 1);
+    // Retention: forgotten instances become tombstones in the feed.
+    let forgotten = store
+        .expire_instances(
+            "leader-1",
+            now - Duration::seconds(35),
+            now - Duration::hours(1),
+        )
+        .await
+        .expect("expire");
+    assert!(forgotten.contains(&"m-old".to_string()));
+    assert!(!forgotten.contains(&"m-fresh".to_string()));
+    let live = live_instances(store).await;
+    assert!(!live.contains_key("m-old") && live.contains_key("m-fresh"));
+    assert!(matches!(
+        store.expire_instances("nobody", now, now).await,
+        Err(StoreError::NotLeader)
+    ));
+    store
+        .release_lease(crate::LEADER_LEASE, "leader-1")
+        .await
+        .expect("release");
+}
+
+/// The concurrency cases: `a` and `b` are two handles on one database (two replicas).
+pub async fn run_concurrent(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    racing_registrations_each_apply_once_on_a_distinct_previous(a.clone(), b.clone()).await;
+    a_reader_sees_revisions_without_gaps_while_writers_race(a.clone(), b.clone()).await;
+    the_feed_wakes_the_other_handle_and_catch_up_sees_every_revision_once(a.clone(), b.clone())
+        .await;
+    only_one_handle_holds_the_leader_lease(a, b).await;
+}
+
+async fn racing_registrations_each_apply_once_on_a_distinct_previous(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) {
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            store
+                .register(reg("race", &format!("race-{i}"), None, false))
+                .await
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        let r = t.await.expect("join").expect("every registration succeeds");
+        let ev = r
+            .event
+            .expect("each registration changed the expected release");
+        acked.push((r.release.revision, r.release.release.version_id, ev));
+    }
+    let hist = a
+        .history("production", "race", 1000)
+        .await
+        .expect("history");
+    assert_eq!(
+        hist.len(),
+        40,
+        "every acknowledged registration is in the history once"
+    );
+    let mut revs: Vec<i64> = acked.iter().map(|x| x.0).collect();
+    revs.sort_unstable();
+    revs.dedup();
+    assert_eq!(revs.len(), 40, "distinct revisions");
+    // Each one was applied on top of the one just before it: the chain of
+    // previous_version_id is exactly the history, so no two applied on the same previous.
+    let mut by_rev: Vec<_> = acked.iter().collect();
+    by_rev.sort_by_key(|x| x.0);
+    for w in by_rev.windows(2) {
+        assert_eq!(
+            w[1].2.data["previous_version_id"].as_str(),
+            Some(w[0].1.as_str()),
+            "revision {} applied on top of revision {}",
+            w[1].0,
+            w[0].0
+        );
+    }
+}
+
+async fn a_reader_sees_revisions_without_gaps_while_writers_race(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) {
+    let start = a.last_revision().await.expect("last");
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut revs = Vec::new();
+                for i in 0..25 {
+                    let r = store
+                        .register(reg(
+                            &format!("order-{w}"),
+                            &format!("o{w}-{i}"),
+                            None,
+                            false,
+                        ))
+                        .await
+                        .expect("register");
+                    revs.push(r.release.revision);
+                }
+                revs
+            })
+        })
+        .collect();
+    // A reader that resumes by "revision > last seen" while the writers run.
+    let reader = {
+        let store = b.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut cursor = start;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while seen.len() < 100 && tokio::time::Instant::now() < deadline {
+                let page = store.changes_since(cursor, 7).await.expect("changes");
+                for r in &page {
+                    seen.push(r.revision);
+                    cursor = r.revision;
+                }
+                if page.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            seen
+        })
+    };
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.expect("join"));
+    }
+    let seen = reader.await.expect("join");
+    acked.sort_unstable();
+    assert_eq!(
+        seen, acked,
+        "a reader resuming by revision sees every acknowledged revision once, in order"
+    );
+}
+
+async fn the_feed_wakes_the_other_handle_and_catch_up_sees_every_revision_once(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) {
+    let start = b.last_revision().await.expect("last");
+    let mut feed = b.feed();
+    let consumer = {
+        let store = b.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut cursor = start;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            while seen.len() < 30 {
+                // Only the wake-up, never a timer: proves the feed reaches this handle.
+                tokio::select! {
+                    r = feed.changed() => r.expect("feed open"),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+                loop {
+                    let page = store.changes_since(cursor, 1000).await.expect("changes");
+                    if page.is_empty() {
+                        break;
+                    }
+                    for r in page {
+                        cursor = r.revision;
+                        seen.push(r.revision);
+                    }
+                }
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let r = a
+            .register(reg("feed", &format!("f-{i}"), None, false))
+            .await
+            .expect("register");
+        acked.push(r.release.revision);
+    }
+    let seen = consumer.await.expect("join");
+    assert_eq!(seen, acked, "every revision exactly once, in order");
+}
+
+async fn only_one_handle_holds_the_leader_lease(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let ttl = std::time::Duration::from_secs(5);
+    let (x, y) = tokio::join!(
+        a.acquire_lease("conc-lease", "a", ttl),
+        b.acquire_lease("conc-lease", "b", ttl)
+    );
+    let (x, y) = (x.expect("a"), y.expect("b"));
+    assert!(x.held ^ y.held, "exactly one holder: {x:?} {y:?}");
+    assert_eq!(x.holder, y.holder);
 }

@@ -17,6 +17,9 @@ pub enum StoreError {
         /// Service.
         service: String,
     },
+    /// A leader-only write was attempted by a replica that does not hold the leader lease.
+    #[error("this replica does not hold the leader lease")]
+    NotLeader,
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

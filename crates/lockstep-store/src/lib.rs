@@ -11,14 +11,16 @@
 pub mod conformance;
 mod error;
 mod migrations;
+pub mod postgres;
 pub mod sqlite;
 
 pub use error::StoreError;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
 use lockstep_api::Event;
-use lockstep_core::{Instance, Release, Role, StoredRelease};
+use lockstep_core::{Instance, Release, Role, StoredRelease, short_id};
 use time::OffsetDateTime;
 
 /// A registration to apply: the release plus who asked and why.
@@ -98,9 +100,47 @@ pub struct StoredToken {
     pub created_at: OffsetDateTime,
 }
 
-/// The registry's storage. Every method is one transaction.
+/// One change of an instance row, as the instance feed reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceChange {
+    /// Position in the instance feed (strictly increasing per write).
+    pub seq: i64,
+    /// The instance id.
+    pub instance_id: String,
+    /// The instance as stored, or `None` when it was deregistered or forgotten.
+    pub instance: Option<Instance>,
+}
+
+/// The holder of a lease after an acquire or renew attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Who holds it now (may be someone else).
+    pub holder: String,
+    /// Until when (store clock).
+    pub expires_at: OffsetDateTime,
+    /// Whether the caller holds it after the call.
+    pub held: bool,
+}
+
+/// Name of the lease that elects the leader of background work.
+pub const LEADER_LEASE: &str = "leader";
+
+/// The registry's storage: the source of truth that every replica's memory is projected
+/// from. Every method is one transaction.
+///
+/// **Ordering:** revisions (`changes_since`) and event ids (`events_since`) commit in
+/// increasing order, on every backend, so once N is visible every change below N is
+/// visible too and "everything after N" is complete. Instance rows carry a feed sequence
+/// (`instances_since`) for the same purpose.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// A wake-up signal that changes after commits of this or any other handle on the same
+    /// database (releases, events, tokens). It carries no data: readers catch up by
+    /// sequence, so a lost or coalesced wake-up costs latency, never a change.
+    fn feed(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Which backend this is (`sqlite`, `postgres`), for logs and `/healthz`.
+    fn backend(&self) -> &'static str;
+
     /// Registers a release and makes it expected (rules: `lockstep_core::decide_registration`).
     async fn register(&self, reg: Registration) -> Result<Registered, StoreError>;
     /// Makes an earlier release expected again (rules: `lockstep_core::rollback_target`).
@@ -108,7 +148,7 @@ pub trait Store: Send + Sync + 'static {
     /// The expected release of one service.
     async fn expected(&self, env: &str, service: &str)
     -> Result<Option<StoredRelease>, StoreError>;
-    /// Every expected release (to warm the server's cache).
+    /// Every expected release (to warm a projection).
     async fn all_expected(&self) -> Result<Vec<StoredRelease>, StoreError>;
     /// A service's history, newest first.
     async fn history(
@@ -120,6 +160,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every change with `revision > since`, oldest first, at most `limit`.
     async fn changes_since(&self, since: i64, limit: u32)
     -> Result<Vec<StoredRelease>, StoreError>;
+    /// The highest revision committed (0 when none).
+    async fn last_revision(&self) -> Result<i64, StoreError>;
+
     /// Appends an event.
     async fn append_event(&self, ev: NewEvent) -> Result<Event, StoreError> {
         let mut v = self.append_events(vec![ev]).await?;
@@ -130,20 +173,68 @@ pub trait Store: Send + Sync + 'static {
     async fn append_events(&self, evs: Vec<NewEvent>) -> Result<Vec<Event>, StoreError>;
     /// Events with `id > since`, oldest first, at most `limit`.
     async fn events_since(&self, since: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
-    /// Creates a token; `Conflict` when the name is taken.
-    async fn create_token(&self, token: StoredToken) -> Result<(), StoreError>;
-    /// Creates or replaces a token (the bootstrap admin token).
-    async fn upsert_token(&self, token: StoredToken) -> Result<(), StoreError>;
+    /// The highest event id committed (0 when none).
+    async fn last_event_id(&self) -> Result<i64, StoreError>;
+
+    /// Creates a token and logs `token_created` (actor `actor`) in the same transaction;
+    /// `Conflict` when the name is taken.
+    async fn create_token(&self, token: StoredToken, actor: &str) -> Result<Event, StoreError>;
+    /// Creates or replaces a token (the bootstrap admin token). Logs `token_bootstrapped`
+    /// and returns that event only when something changed.
+    async fn upsert_token(&self, token: StoredToken) -> Result<Option<Event>, StoreError>;
     /// Every active token.
     async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError>;
-    /// Revokes a token by name; false when there was none.
-    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError>;
-    /// Upserts the state of instances (the heartbeat flush).
+    /// Revokes a token by name and logs `token_revoked`; `None` when there was none.
+    async fn revoke_token(&self, name: &str, actor: &str) -> Result<Option<Event>, StoreError>;
+
+    /// Upserts the soft state of instances (the heartbeat flush). A row is only replaced
+    /// by a newer `last_seen` (replicas flush independently), and never resurrected by a
+    /// heartbeat older than its deregistration. A newer `last_seen` clears the
+    /// missing-reported mark.
     async fn save_instances(&self, instances: &[Instance]) -> Result<(), StoreError>;
-    /// Forgets instances.
-    async fn delete_instances(&self, ids: &[String]) -> Result<(), StoreError>;
-    /// Every known instance.
-    async fn load_instances(&self) -> Result<Vec<Instance>, StoreError>;
+    /// Deregisters an instance and logs `instance_deregistered` (actor `actor`) in the
+    /// same transaction; `None` when it was not registered.
+    async fn deregister_instance(
+        &self,
+        instance_id: &str,
+        actor: &str,
+    ) -> Result<Option<(Instance, Event)>, StoreError>;
+    /// Instance rows changed with `seq > since`, oldest first, at most `limit`.
+    async fn instances_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<InstanceChange>, StoreError>;
+    /// Marks every live instance last seen before `cutoff` and not yet reported as
+    /// missing, logging one `instance_missing` event each, in one transaction — only while
+    /// `holder` holds the [`LEADER_LEASE`] (else `NotLeader`), so it happens exactly once
+    /// whatever the number of replicas.
+    async fn mark_missing(
+        &self,
+        holder: &str,
+        cutoff: OffsetDateTime,
+    ) -> Result<Vec<Event>, StoreError>;
+    /// Forgets instances last seen before `cutoff` (they become tombstones in the feed)
+    /// and drops tombstones older than `purge_before`; leader only, like `mark_missing`.
+    /// Returns the ids forgotten.
+    async fn expire_instances(
+        &self,
+        holder: &str,
+        cutoff: OffsetDateTime,
+        purge_before: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Takes or renews lease `name` for `holder` for `ttl` when it is free, expired or
+    /// already held by `holder`; answers who holds it afterwards. Times are the store's.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Lease, StoreError>;
+    /// Gives a lease up (clean shutdown) so another replica can take it at once.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
     /// Cheap round-trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -176,4 +267,70 @@ pub(crate) fn registration_event(
         reason: stored.release.reason.clone(),
         data,
     }
+}
+
+/// The event logged with a token change.
+pub(crate) fn token_event(kind: &str, name: &str, role: Role, actor: &str) -> NewEvent {
+    NewEvent {
+        kind: kind.into(),
+        actor: Some(actor.into()),
+        data: serde_json::json!({ "name": name, "role": role }),
+        ..NewEvent::default()
+    }
+}
+
+/// The event logged when an instance deregisters.
+pub(crate) fn deregistered_event(i: &Instance, actor: &str) -> NewEvent {
+    NewEvent {
+        kind: "instance_deregistered".into(),
+        env: Some(i.env.clone()),
+        service: Some(i.service.clone()),
+        actor: Some(actor.into()),
+        reason: None,
+        data: serde_json::json!({ "instance_id": i.instance_id, "version": short_id(&i.version_id) }),
+    }
+}
+
+/// The event logged when an instance stops heartbeating.
+pub(crate) fn missing_event(i: &Instance) -> NewEvent {
+    NewEvent {
+        kind: "instance_missing".into(),
+        env: Some(i.env.clone()),
+        service: Some(i.service.clone()),
+        actor: None,
+        reason: None,
+        data: serde_json::json!({
+            "instance_id": i.instance_id,
+            "version": short_id(&i.version_id),
+            "last_seen": i.last_seen
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        }),
+    }
+}
+
+/// Milliseconds since the epoch: how instance times are compared inside the store.
+pub(crate) fn millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Opens the store a URL names: `postgres://…` / `postgresql://…` for PostgreSQL,
+/// `sqlite:///path/to/dir` (or a plain directory path) for the embedded store.
+pub async fn open_url(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(std::sync::Arc::new(PgStore::connect(url).await?));
+    }
+    let dir = match url.strip_prefix("sqlite://") {
+        Some(rest) => rest,
+        None if url.contains("://") => {
+            return Err(StoreError::Open {
+                path: url.into(),
+                message: "unsupported store URL: use postgres://… or sqlite:///path".into(),
+            });
+        }
+        None => url,
+    };
+    Ok(std::sync::Arc::new(
+        SqliteStore::open(std::path::Path::new(dir)).await?,
+    ))
 }

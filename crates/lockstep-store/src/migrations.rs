@@ -2,9 +2,10 @@
 //! Append new steps; never edit a released one.
 
 /// SQLite schema steps: (version, SQL).
-pub const SQLITE: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const SQLITE: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE releases (
     revision      INTEGER PRIMARY KEY AUTOINCREMENT,
     env           TEXT NOT NULL,
@@ -40,6 +41,87 @@ CREATE TABLE tokens (
 CREATE TABLE instances (
     instance_id TEXT PRIMARY KEY,
     body        TEXT NOT NULL
+);
+"#,
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE instances ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN last_seen_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN deleted_at_ms INTEGER;
+ALTER TABLE instances ADD COLUMN missing_reported INTEGER NOT NULL DEFAULT 0;
+UPDATE instances SET seq = rowid,
+    last_seen_ms = CAST(strftime('%s', json_extract(body, '$.last_seen')) AS INTEGER) * 1000;
+CREATE INDEX instances_by_seq ON instances (seq);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) SELECT 'instance_seq', COALESCE(MAX(seq), 0) FROM instances;
+CREATE TABLE leases (
+    name          TEXT PRIMARY KEY,
+    holder        TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+"#,
+    ),
+];
+
+/// PostgreSQL schema steps: (version, SQL), applied in the connection's current schema
+/// (the first existing schema of `search_path`). One step gives the same shape as SQLite's
+/// final one; ids are allocated from `counters` under the store's advisory locks (see
+/// `postgres.rs`), times are `TIMESTAMPTZ`, instance times are milliseconds like SQLite's
+/// so the conditional upsert compares the same numbers. JSON is kept as text, as SQLite
+/// keeps it: it round-trips byte for byte, costs no parsing on the heartbeat path, and
+/// accepts `\u0000`, which `JSONB` refuses (cast `body::jsonb` to query it).
+pub const POSTGRES: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE releases (
+    revision      BIGINT PRIMARY KEY,
+    env           TEXT NOT NULL,
+    service       TEXT NOT NULL,
+    version_id    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    registered_at TIMESTAMPTZ NOT NULL,
+    body          TEXT NOT NULL
+);
+CREATE INDEX releases_by_service ON releases (env, service, revision DESC);
+CREATE TABLE expected (
+    env      TEXT NOT NULL,
+    service  TEXT NOT NULL,
+    revision BIGINT NOT NULL REFERENCES releases (revision),
+    PRIMARY KEY (env, service)
+);
+CREATE TABLE events (
+    id      BIGINT PRIMARY KEY,
+    at      TIMESTAMPTZ NOT NULL,
+    kind    TEXT NOT NULL,
+    env     TEXT,
+    service TEXT,
+    actor   TEXT,
+    reason  TEXT,
+    data    TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE instances (
+    instance_id      TEXT PRIMARY KEY,
+    body             TEXT NOT NULL,
+    seq              BIGINT NOT NULL,
+    last_seen_ms     BIGINT NOT NULL,
+    deleted_at_ms    BIGINT,
+    missing_reported BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX instances_by_seq ON instances (seq);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO counters (name, value) VALUES ('revision', 0), ('event_id', 0), ('instance_seq', 0);
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
 );
 "#,
 )];

@@ -15,13 +15,17 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
 
 use crate::{
-    NewEvent, Registered, Registration, Rollback, Store, StoreError, StoredToken, migrations,
+    InstanceChange, Lease, NewEvent, Registered, Registration, Rollback, Store, StoreError,
+    StoredToken, migrations,
 };
 
 /// The SQLite backend.
@@ -29,6 +33,24 @@ use crate::{
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    feed: watch::Sender<u64>,
+}
+
+/// One wake-up channel per database file, shared by every handle in the process, so two
+/// handles on one file see each other's commits (SQLite has no cross-process
+/// notification; one file has one `serve`).
+fn feed_for(path: &Path) -> watch::Sender<u64> {
+    static FEEDS: OnceLock<Mutex<HashMap<PathBuf, watch::Sender<u64>>>> = OnceLock::new();
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let feeds = FEEDS.get_or_init(Default::default);
+    match feeds.lock() {
+        Ok(mut map) => map
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .clone(),
+        // A poisoned map only loses cross-handle sharing, never a change: readers poll.
+        Err(_) => watch::channel(0).0,
+    }
 }
 
 /// File name of the database inside the data directory.
@@ -77,7 +99,24 @@ impl SqliteStore {
             .connect_with(opts.read_only(true))
             .await
             .map_err(open_err)?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore {
+            writer,
+            reader,
+            feed: feed_for(path),
+        })
+    }
+
+    /// A write transaction that takes SQLite's write lock up front, so two handles on one
+    /// file never fail upgrading a read transaction (and "decide, then write" is atomic).
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Commits and wakes every projection of this file.
+    async fn commit(&self, tx: Transaction<'static, Sqlite>) -> Result<(), StoreError> {
+        tx.commit().await?;
+        self.feed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
     }
 
     /// Closes both pools, checkpointing the WAL.
@@ -93,14 +132,19 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     )
     .execute(pool)
     .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-        .fetch_all(pool)
-        .await?;
     for (version, sql) in migrations::SQLITE {
-        if applied.contains(version) {
+        // Checked again inside the write lock: two handles opening one file at once apply
+        // each step exactly once.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if done.is_some() {
+            tx.rollback().await?;
             continue;
         }
-        let mut tx = pool.begin().await?;
         sqlx::raw_sql(*sql).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
             .bind(version)
@@ -234,8 +278,16 @@ async fn apply(
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn feed(&self) -> watch::Receiver<u64> {
+        self.feed.subscribe()
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let current = expected_in(&mut tx, &reg.env, &reg.service).await?;
         let mut release = reg.release;
         release.actor = Some(reg.actor);
@@ -265,7 +317,7 @@ impl Store for SqliteStore {
             data,
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(Registered {
             release: stored,
             changed: true,
@@ -274,7 +326,7 @@ impl Store for SqliteStore {
     }
 
     async fn rollback(&self, rb: Rollback) -> Result<Registered, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let current = expected_in(&mut tx, &rb.env, &rb.service)
             .await?
             .ok_or_else(|| StoreError::NoRelease {
@@ -334,7 +386,7 @@ impl Store for SqliteStore {
             rb.data,
         )
         .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(Registered {
             release: stored,
             changed: true,
@@ -403,13 +455,20 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn last_revision(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(revision) FROM releases")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
     async fn append_events(&self, evs: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut out = Vec::with_capacity(evs.len());
         for ev in evs {
             out.push(insert_event(&mut tx, ev).await?);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(out)
     }
 
@@ -427,7 +486,15 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn create_token(&self, t: StoredToken) -> Result<(), StoreError> {
+    async fn last_event_id(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn create_token(&self, t: StoredToken, actor: &str) -> Result<Event, StoreError> {
+        let mut tx = self.write_tx().await?;
         let res = sqlx::query(
             "INSERT INTO tokens (name, role, hash, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (name) DO NOTHING",
@@ -436,15 +503,33 @@ impl Store for SqliteStore {
         .bind(t.role.as_str())
         .bind(&t.hash)
         .bind(fmt_time(t.created_at))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::Conflict(format!("a token named {:?}", t.name)));
         }
-        Ok(())
+        let ev = insert_event(
+            &mut tx,
+            crate::token_event("token_created", &t.name, t.role, actor),
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(ev)
     }
 
-    async fn upsert_token(&self, t: StoredToken) -> Result<(), StoreError> {
+    async fn upsert_token(&self, t: StoredToken) -> Result<Option<Event>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let same: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM tokens WHERE name = ? AND role = ? AND hash = ?")
+                .bind(&t.name)
+                .bind(t.role.as_str())
+                .bind(&t.hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if same.is_some() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         sqlx::query(
             "INSERT INTO tokens (name, role, hash, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, hash = excluded.hash",
@@ -453,9 +538,15 @@ impl Store for SqliteStore {
         .bind(t.role.as_str())
         .bind(&t.hash)
         .bind(fmt_time(t.created_at))
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let ev = insert_event(
+            &mut tx,
+            crate::token_event("token_bootstrapped", &t.name, t.role, "lockstep"),
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(Some(ev))
     }
 
     async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
@@ -478,56 +569,258 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
-        let res = sqlx::query("DELETE FROM tokens WHERE name = ?")
-            .bind(name)
-            .execute(&self.writer)
-            .await?;
-        Ok(res.rows_affected() > 0)
+    async fn revoke_token(&self, name: &str, actor: &str) -> Result<Option<Event>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let role: Option<String> =
+            sqlx::query_scalar("DELETE FROM tokens WHERE name = ? RETURNING role")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(role) = role else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let role = role
+            .parse()
+            .map_err(|e: lockstep_core::CoreError| StoreError::Corrupt(e.to_string()))?;
+        let ev = insert_event(
+            &mut tx,
+            crate::token_event("token_revoked", name, role, actor),
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(Some(ev))
     }
 
     async fn save_instances(&self, instances: &[Instance]) -> Result<(), StoreError> {
         if instances.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.write_tx().await?;
+        let mut seq = next_seq(&mut tx, instances.len() as i64).await?;
         for i in instances {
+            let last_seen = crate::millis(i.last_seen);
+            // Only a newer heartbeat replaces a row, and a tombstone only yields to a
+            // heartbeat newer than the deregistration.
             sqlx::query(
-                "INSERT INTO instances (instance_id, body) VALUES (?, ?) \
-                 ON CONFLICT (instance_id) DO UPDATE SET body = excluded.body",
+                "INSERT INTO instances (instance_id, body, seq, last_seen_ms, deleted_at_ms, missing_reported) \
+                 VALUES (?, ?, ?, ?, NULL, 0) \
+                 ON CONFLICT (instance_id) DO UPDATE SET body = excluded.body, seq = excluded.seq, \
+                   last_seen_ms = excluded.last_seen_ms, deleted_at_ms = NULL, missing_reported = 0 \
+                 WHERE excluded.last_seen_ms > instances.last_seen_ms \
+                   AND (instances.deleted_at_ms IS NULL OR excluded.last_seen_ms > instances.deleted_at_ms)",
             )
             .bind(&i.instance_id)
             .bind(serde_json::to_string(i)?)
+            .bind(seq)
+            .bind(last_seen)
             .execute(&mut *tx)
             .await?;
+            seq += 1;
         }
+        // Heartbeats are soft state: no wake-up, projections poll the instance feed.
         tx.commit().await?;
         Ok(())
     }
 
-    async fn delete_instances(&self, ids: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM instances WHERE instance_id = ?")
+    async fn deregister_instance(
+        &self,
+        instance_id: &str,
+        actor: &str,
+    ) -> Result<Option<(Instance, Event)>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let body: Option<String> = sqlx::query_scalar(
+            "SELECT body FROM instances WHERE instance_id = ? AND deleted_at_ms IS NULL",
+        )
+        .bind(instance_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(body) = body else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let inst: Instance = serde_json::from_str(&body)?;
+        let seq = next_seq(&mut tx, 1).await?;
+        let now = crate::millis(OffsetDateTime::now_utc());
+        sqlx::query("UPDATE instances SET deleted_at_ms = ?, seq = ? WHERE instance_id = ?")
+            .bind(now.max(crate::millis(inst.last_seen)))
+            .bind(seq)
+            .bind(instance_id)
+            .execute(&mut *tx)
+            .await?;
+        let ev = insert_event(&mut tx, crate::deregistered_event(&inst, actor)).await?;
+        self.commit(tx).await?;
+        Ok(Some((inst, ev)))
+    }
+
+    async fn instances_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<InstanceChange>, StoreError> {
+        sqlx::query(
+            "SELECT instance_id, body, seq, deleted_at_ms FROM instances \
+             WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|r| {
+            let deleted: Option<i64> = r.try_get("deleted_at_ms")?;
+            let instance = match deleted {
+                Some(_) => None,
+                None => Some(serde_json::from_str(&r.try_get::<String, _>("body")?)?),
+            };
+            Ok(InstanceChange {
+                seq: r.try_get("seq")?,
+                instance_id: r.try_get("instance_id")?,
+                instance,
+            })
+        })
+        .collect()
+    }
+
+    async fn mark_missing(
+        &self,
+        holder: &str,
+        cutoff: OffsetDateTime,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT instance_id, body FROM instances \
+             WHERE deleted_at_ms IS NULL AND missing_reported = 0 AND last_seen_ms < ? \
+             ORDER BY last_seen_ms, instance_id",
+        )
+        .bind(crate::millis(cutoff))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, body) in rows {
+            let inst: Instance = serde_json::from_str(&body)?;
+            sqlx::query("UPDATE instances SET missing_reported = 1 WHERE instance_id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            out.push(insert_event(&mut tx, crate::missing_event(&inst)).await?);
+        }
+        self.commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn expire_instances(
+        &self,
+        holder: &str,
+        cutoff: OffsetDateTime,
+        purge_before: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        sqlx::query("DELETE FROM instances WHERE deleted_at_ms IS NOT NULL AND deleted_at_ms < ?")
+            .bind(crate::millis(purge_before))
+            .execute(&mut *tx)
+            .await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT instance_id FROM instances WHERE deleted_at_ms IS NULL AND last_seen_ms < ? \
+             ORDER BY instance_id",
+        )
+        .bind(crate::millis(cutoff))
+        .fetch_all(&mut *tx)
+        .await?;
+        let now = crate::millis(OffsetDateTime::now_utc());
+        let mut seq = next_seq(&mut tx, ids.len() as i64).await?;
+        for id in &ids {
+            sqlx::query("UPDATE instances SET deleted_at_ms = ?, seq = ? WHERE instance_id = ?")
+                .bind(now)
+                .bind(seq)
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            seq += 1;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(ids)
     }
 
-    async fn load_instances(&self) -> Result<Vec<Instance>, StoreError> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT body FROM instances")
-            .fetch_all(&self.reader)
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let now = crate::millis(OffsetDateTime::now_utc());
+        let until = now + ttl.as_millis() as i64;
+        sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
+             WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= ?",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let (h, exp): (String, i64) =
+            sqlx::query_as("SELECT holder, expires_at_ms FROM leases WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(Lease {
+            held: h == holder,
+            holder: h,
+            expires_at: from_millis(exp),
+        })
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE name = ? AND holder = ?")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.writer)
             .await?;
-        rows.iter()
-            .map(|b| serde_json::from_str(b).map_err(StoreError::from))
-            .collect()
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+}
+
+/// Reserves `n` positions of the instance feed; returns the first.
+async fn next_seq(tx: &mut Transaction<'_, Sqlite>, n: i64) -> Result<i64, StoreError> {
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE counters SET value = value + ? WHERE name = 'instance_seq' RETURNING value",
+    )
+    .bind(n)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(last - n + 1)
+}
+
+/// Fails with `NotLeader` unless `holder` holds an unexpired leader lease.
+async fn check_lease(tx: &mut Transaction<'_, Sqlite>, holder: &str) -> Result<(), StoreError> {
+    let ok: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM leases WHERE name = ? AND holder = ? AND expires_at_ms > ?",
+    )
+    .bind(crate::LEADER_LEASE)
+    .bind(holder)
+    .bind(crate::millis(OffsetDateTime::now_utc()))
+    .fetch_optional(&mut **tx)
+    .await?;
+    ok.map(|_| ()).ok_or(StoreError::NotLeader)
+}
+
+fn from_millis(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }

@@ -253,3 +253,48 @@ impl Drop for ServeProcess {
         }
     }
 }
+
+/// A fresh, empty PostgreSQL schema on `$LOCKSTEP_TEST_PG`, as a store URL that selects
+/// it (for `PgStore::connect` and `lockstep serve --store`). `None`, with the reason
+/// printed, when the variable is unset: tests that need PostgreSQL then skip.
+pub async fn fresh_pg_url() -> Option<String> {
+    let Ok(base) = std::env::var("LOCKSTEP_TEST_PG") else {
+        println!("skipping: LOCKSTEP_TEST_PG is not set");
+        return None;
+    };
+    Some(
+        lockstep_store::postgres::fresh_schema_url(&base)
+            .await
+            .expect("create a fresh schema on LOCKSTEP_TEST_PG"),
+    )
+}
+
+/// `$LOCKSTEP_TEST_REDIS`, or `None` with the reason printed.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("LOCKSTEP_TEST_REDIS") {
+        Ok(u) => Some(u),
+        Err(_) => {
+            println!("skipping: LOCKSTEP_TEST_REDIS is not set");
+            None
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `within`; returns the
+/// value and how long it took, or `None` when time ran out.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> Option<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Some((v, start.elapsed()));
+        }
+        if start.elapsed() >= within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

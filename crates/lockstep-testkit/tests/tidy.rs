@@ -78,3 +78,21 @@ fn no_test_is_ignored_without_a_reason() {
         "#[ignore] without = \"reason\": {offenders:#?}"
     );
 }
+
+#[test]
+fn the_registry_service_has_no_http_in_it() {
+    let offenders: Vec<_> = all_files()
+        .into_iter()
+        .filter(|(p, t)| {
+            p.to_string_lossy().contains("lockstep-server/src/service/")
+                && ["axum::", "hyper::", "http::"]
+                    .iter()
+                    .any(|needle| t.contains(needle))
+        })
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "HTTP types in the registry service (map errors at the edge instead): {offenders:#?}"
+    );
+}

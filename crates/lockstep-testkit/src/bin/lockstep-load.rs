@@ -4,6 +4,10 @@
 //!   on raw sockets (lighter than an HTTP client per connection, so 10,000 fit in one
 //!   process) and measures how long each deploy takes to reach the last one; prints
 //!   p50/p99/max in milliseconds.
+//! - `lockstep-load fanout2 PUT_URL WATCH_URL TOKEN WATCHERS DEPLOYS`: the same, with the
+//!   watchers on one registry (e.g. replica B) and the deploys PUT through another (replica
+//!   A on the same store), so the figure includes the cross-replica path. Uses a service of
+//!   its own per run (`fan2-<pid>`), so runs on one store do not see each other's deploys.
 //! - `lockstep-load idle URL TOKEN WATCHERS HOLD_SECS`: opens them and holds them idle so
 //!   the registry's memory can be read; prints `connected N`.
 //! - `lockstep-load first503 URL TOKEN WORKER_URL SERVICE VERSION_ID DEPLOYS`: against a
@@ -26,7 +30,9 @@ struct Shared {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: lockstep-fanout fanout URL TOKEN WATCHERS DEPLOYS | idle URL TOKEN WATCHERS HOLD_SECS"
+        "usage: lockstep-load fanout URL TOKEN WATCHERS DEPLOYS | idle URL TOKEN WATCHERS HOLD_SECS\n\
+         \x20      | fanout2 PUT_URL WATCH_URL TOKEN WATCHERS DEPLOYS\n\
+         \x20      | first503 URL TOKEN WORKER_URL SERVICE VERSION_ID DEPLOYS"
     );
     std::process::exit(2)
 }
@@ -34,6 +40,7 @@ fn usage() -> ! {
 async fn watcher(
     addr: String,
     token: String,
+    service: String,
     shared: Arc<Shared>,
     gate: Arc<tokio::sync::Semaphore>,
 ) -> std::io::Result<()> {
@@ -52,7 +59,7 @@ async fn watcher(
     }
     let mut sock = sock.ok_or_else(|| std::io::Error::other("could not connect"))?;
     let req = format!(
-        "GET /v1/watch?env=production&service={SERVICE} HTTP/1.1\r\nHost: {addr}\r\n\
+        "GET /v1/watch?env=production&service={service} HTTP/1.1\r\nHost: {addr}\r\n\
          Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
     );
     sock.write_all(req.as_bytes()).await?;
@@ -84,9 +91,15 @@ async fn watcher(
     Ok(())
 }
 
-async fn put(http: &reqwest::Client, url: &str, token: &str, n: usize) -> reqwest::Result<()> {
+async fn put(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    service: &str,
+    n: usize,
+) -> reqwest::Result<()> {
     http.put(format!(
-        "{url}/v1/envs/production/services/{SERVICE}/release"
+        "{url}/v1/envs/production/services/{service}/release"
     ))
     .bearer_auth(token)
     .json(&serde_json::json!({ "version_id": format!("fan-{n}") }))
@@ -179,43 +192,110 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("first503") {
-        return first503(&args[2..]).await;
+    match args.get(1).map(String::as_str) {
+        Some("first503") => first503(&args[2..]).await,
+        Some(mode @ ("fanout" | "idle")) => {
+            let [url, token, watchers, last] = &args[2..] else {
+                usage()
+            };
+            let url = url.trim_end_matches('/');
+            let kind = if mode == "fanout" {
+                Mode::Fanout
+            } else {
+                Mode::Idle
+            };
+            fanout(kind, url, url, token, SERVICE, watchers, last).await
+        }
+        Some("fanout2") => {
+            let [put_url, watch_url, token, watchers, deploys] = &args[2..] else {
+                usage()
+            };
+            let service = format!("fan2-{}", std::process::id());
+            fanout(
+                Mode::Fanout,
+                put_url.trim_end_matches('/'),
+                watch_url.trim_end_matches('/'),
+                token,
+                &service,
+                watchers,
+                deploys,
+            )
+            .await
+        }
+        _ => usage(),
     }
-    if args.len() != 6 {
-        usage();
+}
+
+#[derive(PartialEq, Eq)]
+enum Mode {
+    Fanout,
+    Idle,
+}
+
+/// Waits until `url` serves deploy 0 of `service` (another replica may learn it later).
+async fn until_served(http: &reqwest::Client, url: &str, token: &str, service: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(r) = http
+            .get(format!(
+                "{url}/v1/envs/production/services/{service}/release"
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            && let Ok(body) = r.text().await
+            && body.contains("\"fan-0\"")
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (mode, url, token) = (
-        args[1].as_str(),
-        args[2].trim_end_matches('/').to_string(),
-        args[3].clone(),
-    );
-    let watchers: usize = args[4].parse().unwrap_or_else(|_| usage());
-    let last: usize = args[5].parse().unwrap_or_else(|_| usage());
-    let deploys = if mode == "fanout" { last } else { 0 };
-    let addr = url.trim_start_matches("http://").to_string();
+    false
+}
+
+/// Opens `watchers` SSE watchers on `watch_url`; for `Mode::Fanout`, PUTs `last` deploys
+/// through `put_url` and measures each one's arrival at the last watcher; for `Mode::Idle`
+/// holds them `last` seconds.
+async fn fanout(
+    mode: Mode,
+    put_url: &str,
+    watch_url: &str,
+    token: &str,
+    service: &str,
+    watchers: &str,
+    last: &str,
+) {
+    let watchers: usize = watchers.parse().unwrap_or_else(|_| usage());
+    let last: usize = last.parse().unwrap_or_else(|_| usage());
+    let deploys = if mode == Mode::Fanout { last } else { 0 };
+    let addr = watch_url.trim_start_matches("http://").to_string();
     let http = reqwest::Client::new();
     let shared = Arc::new(Shared {
         connected: AtomicUsize::new(0),
         arrivals: (0..=deploys).map(|_| Mutex::new((0, None))).collect(),
     });
     // Deploy 0 exists before anyone connects: every watcher gets it as its first event.
-    if let Err(e) = put(&http, &url, &token, 0).await {
+    if let Err(e) = put(&http, put_url, token, service, 0).await {
         eprintln!("initial registration failed: {e}");
+        std::process::exit(1);
+    }
+    if watch_url != put_url && !until_served(&http, watch_url, token, service).await {
+        eprintln!("{watch_url} did not serve the initial registration within 10 s");
         std::process::exit(1);
     }
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let failed = Arc::new(AtomicUsize::new(0));
     for _ in 0..watchers {
-        let (addr, token, shared, gate, failed) = (
+        let (addr, token, service, shared, gate, failed) = (
             addr.clone(),
-            token.clone(),
+            token.to_string(),
+            service.to_string(),
             shared.clone(),
             gate.clone(),
             failed.clone(),
         );
         tokio::spawn(async move {
-            if watcher(addr, token, shared, gate).await.is_err()
+            if watcher(addr, token, service, shared, gate).await.is_err()
                 && failed.fetch_add(1, Ordering::Relaxed) == 0
             {
                 eprintln!(
@@ -240,13 +320,13 @@ async fn main() {
         "connected {watchers} in {:.1}s",
         start.elapsed().as_secs_f64()
     );
-    if mode == "idle" {
+    if mode == Mode::Idle {
         tokio::time::sleep(Duration::from_secs(last as u64)).await;
         return;
     }
     let mut lat_ms = Vec::with_capacity(deploys);
     for n in 1..=deploys {
-        if let Err(e) = put(&http, &url, &token, n).await {
+        if let Err(e) = put(&http, put_url, token, service, n).await {
             eprintln!("deploy {n} failed: {e}");
             std::process::exit(1);
         }

@@ -1,0 +1,441 @@
+//! What a replica keeps in memory, derived only from what the store committed: expected
+//! releases (pre-serialised for the hot `GET …/release`), the token set, instances, and the
+//! broadcast hubs of the watch and event streams.
+//!
+//! One task, the projector, feeds it: woken by the store's change feed (and by a timer, so
+//! a lost wake-up only costs latency), it reads everything after its cursors — revisions,
+//! event ids, the instance feed — and applies them in order. Handlers never write here
+//! directly (heartbeats aside: they are soft state, see `service::heartbeats`), so every
+//! replica on one database converges on the same state, and a write answered by this
+//! replica is visible here before its answer (the writer waits for the cursor).
+//!
+//! **Invariant:** items go into the map before they are broadcast, and both happen in
+//! cursor order from a single task; a stream that subscribes first and then reads the map
+//! or the store misses nothing and deduplicates by id.
+
+use bytes::Bytes;
+use lockstep_api::Event;
+use lockstep_core::{Instance, StoredRelease};
+use lockstep_store::{InstanceChange, Store, StoreError};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast, watch};
+
+use crate::auth::{Principal, TokenSet};
+
+/// How many items one catch-up read fetches.
+pub(crate) const PAGE: u32 = 1000;
+
+/// A release change as broadcast to watchers.
+#[derive(Debug)]
+pub struct Change {
+    /// The stored release.
+    pub release: StoredRelease,
+    /// Its JSON, serialised once for every watcher.
+    pub json: Bytes,
+}
+
+impl Change {
+    /// Wraps a stored release, serialising it once.
+    pub fn new(release: StoredRelease) -> Arc<Self> {
+        let json = serde_json::to_vec(&release)
+            .map(Bytes::from)
+            .unwrap_or_default();
+        Arc::new(Change { release, json })
+    }
+}
+
+/// An instance's soft state as this replica knows it.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// What its heartbeats said.
+    pub instance: Instance,
+}
+
+/// A lock was poisoned by a panic: the state behind it cannot be trusted, so callers
+/// answer 503 rather than guess (never "no release", which would make workers serve).
+#[derive(Debug, thiserror::Error)]
+#[error("in-memory state is unavailable after an internal failure")]
+pub struct Poisoned;
+
+/// How far the projection has applied each feed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursors {
+    /// Last revision applied.
+    pub revision: i64,
+    /// Last event id applied.
+    pub event_id: i64,
+    /// Last instance-feed position applied.
+    pub instance_seq: i64,
+}
+
+/// What the projector tells interested parties (the leader's Redis mirror) about instances.
+pub trait InstanceSink: Send + Sync {
+    /// An instance row was written (heartbeat flushed by any replica).
+    fn upserted(&self, instance: &Instance);
+    /// An instance was deregistered, forgotten or reported missing.
+    fn removed(&self, instance: &Instance);
+}
+
+/// The in-memory projection of the store.
+pub struct Projection {
+    releases: RwLock<HashMap<String, HashMap<String, Arc<Change>>>>,
+    /// Valid tokens.
+    pub tokens: TokenSet,
+    instances: Mutex<HashMap<String, Tracked>>,
+    /// Instance ids changed by local heartbeats since the last flush.
+    dirty: Mutex<HashSet<String>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    events: broadcast::Sender<Arc<Event>>,
+    cursors: watch::Sender<Cursors>,
+    /// Wakes the projector after a local write, without waiting for the store's feed.
+    poke: Notify,
+    sink: RwLock<Option<Arc<dyn InstanceSink>>>,
+    /// Release changes applied (for /metrics).
+    pub changes_applied: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, Poisoned> {
+    m.lock().map_err(|_| Poisoned)
+}
+
+impl Projection {
+    /// Loads the starting state. Cursors are read *before* the snapshots, so anything
+    /// committed in between is applied again by the first catch-up (idempotently).
+    pub async fn load(store: &dyn Store) -> Result<Arc<Projection>, StoreError> {
+        let revision = store.last_revision().await?;
+        let event_id = store.last_event_id().await?;
+        let p = Projection {
+            releases: RwLock::new(HashMap::new()),
+            tokens: TokenSet::default(),
+            instances: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashSet::new()),
+            changes: broadcast::channel(1024).0,
+            events: broadcast::channel(1024).0,
+            cursors: watch::channel(Cursors {
+                revision,
+                event_id,
+                instance_seq: 0,
+            })
+            .0,
+            poke: Notify::new(),
+            sink: RwLock::new(None),
+            changes_applied: AtomicU64::new(0),
+        };
+        for r in store.all_expected().await? {
+            p.put_release(Change::new(r));
+        }
+        p.reload_tokens(store).await?;
+        p.catch_up_instances(store).await?;
+        Ok(Arc::new(p))
+    }
+
+    /// The expected release of a service.
+    pub fn expected(&self, env: &str, service: &str) -> Result<Option<Arc<Change>>, Poisoned> {
+        let g = self.releases.read().map_err(|_| Poisoned)?;
+        Ok(g.get(env).and_then(|m| m.get(service)).cloned())
+    }
+
+    /// Every expected release, oldest revision first.
+    pub fn all_expected(&self) -> Result<Vec<Arc<Change>>, Poisoned> {
+        let g = self.releases.read().map_err(|_| Poisoned)?;
+        let mut v: Vec<_> = g.values().flat_map(|m| m.values().cloned()).collect();
+        v.sort_by_key(|c| c.release.revision);
+        Ok(v)
+    }
+
+    /// A copy of every known instance.
+    pub fn instances(&self) -> Result<Vec<Instance>, Poisoned> {
+        Ok(lock(&self.instances)?
+            .values()
+            .map(|t| t.instance.clone())
+            .collect())
+    }
+
+    /// Subscribes to release changes.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    /// Subscribes to the event log.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// How far the projection has applied the store.
+    pub fn cursors(&self) -> Cursors {
+        *self.cursors.borrow()
+    }
+
+    /// Installs what is told about instance changes (the leader's mirror), or removes it.
+    pub fn set_sink(&self, sink: Option<Arc<dyn InstanceSink>>) {
+        if let Ok(mut g) = self.sink.write() {
+            *g = sink;
+        }
+    }
+
+    fn sink(&self) -> Option<Arc<dyn InstanceSink>> {
+        self.sink.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Wakes the projector now (after a local write).
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    /// Waits until the projection has applied `revision` and `event_id` (0: don't care),
+    /// at most `timeout`. Returns whether it got there.
+    pub async fn wait_for(&self, revision: i64, event_id: i64, timeout: Duration) -> bool {
+        self.poke();
+        let mut rx = self.cursors.subscribe();
+        let reached = |c: &Cursors| c.revision >= revision && c.event_id >= event_id;
+        tokio::time::timeout(timeout, rx.wait_for(reached))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn put_release(&self, change: Arc<Change>) -> bool {
+        let Ok(mut g) = self.releases.write() else {
+            return false;
+        };
+        let slot = g
+            .entry(change.release.env.clone())
+            .or_default()
+            .entry(change.release.service.clone());
+        match slot {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if o.get().release.revision >= change.release.revision {
+                    return false;
+                }
+                o.insert(change);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(change);
+            }
+        }
+        true
+    }
+
+    async fn reload_tokens(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut entries = Vec::new();
+        for t in store.tokens().await? {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&t.hash, &mut hash).is_ok() {
+                entries.push((
+                    hash,
+                    Principal {
+                        name: t.name,
+                        role: t.role,
+                    },
+                ));
+            }
+        }
+        self.tokens.replace(entries);
+        Ok(())
+    }
+
+    /// Applies every committed release change and event after the cursors, in order.
+    pub async fn catch_up_log(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut cur = self.cursors();
+        loop {
+            let page = store.changes_since(cur.revision, PAGE).await?;
+            let n = page.len();
+            for r in page {
+                cur.revision = r.revision;
+                let change = Change::new(r);
+                if self.put_release(change.clone()) {
+                    self.changes_applied.fetch_add(1, Ordering::Relaxed);
+                }
+                // No receivers is fine: nobody is watching.
+                let _ = self.changes.send(change);
+            }
+            self.cursors.send_modify(|c| c.revision = cur.revision);
+            if n < PAGE as usize {
+                break;
+            }
+        }
+        loop {
+            let page = store.events_since(cur.event_id, PAGE).await?;
+            let n = page.len();
+            if page.iter().any(|e| e.kind.starts_with("token_")) {
+                // Before the cursor moves: a revocation answered by any replica is in
+                // force here once this replica reports the event applied.
+                self.reload_tokens(store).await?;
+            }
+            for e in page {
+                cur.event_id = e.id;
+                self.apply_event(&e);
+                let _ = self.events.send(Arc::new(e));
+            }
+            self.cursors.send_modify(|c| c.event_id = cur.event_id);
+            if n < PAGE as usize {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_event(&self, e: &Event) {
+        let Some(id) = e.data.get("instance_id").and_then(|v| v.as_str()) else {
+            return;
+        };
+        match e.kind.as_str() {
+            "instance_deregistered" => {
+                let removed = lock(&self.instances).ok().and_then(|mut m| m.remove(id));
+                if let Ok(mut d) = lock(&self.dirty) {
+                    d.remove(id);
+                }
+                if let (Some(t), Some(sink)) = (removed, self.sink()) {
+                    sink.removed(&t.instance);
+                }
+            }
+            "instance_missing" => {
+                let inst = lock(&self.instances)
+                    .ok()
+                    .and_then(|m| m.get(id).map(|t| t.instance.clone()));
+                if let (Some(i), Some(sink)) = (inst, self.sink()) {
+                    sink.removed(&i);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies every instance row written after the cursor (heartbeats flushed by any
+    /// replica): a newer `last_seen` wins; a tombstone removes unless a newer local
+    /// heartbeat is waiting to be flushed.
+    pub async fn catch_up_instances(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let mut seq = self.cursors().instance_seq;
+        loop {
+            let page = store.instances_since(seq, PAGE * 5).await?;
+            let n = page.len();
+            if let Some(last) = page.last() {
+                seq = last.seq;
+            }
+            self.merge_instances(page);
+            self.cursors.send_modify(|c| c.instance_seq = seq);
+            if n < (PAGE * 5) as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    fn merge_instances(&self, page: Vec<InstanceChange>) {
+        let sink = self.sink();
+        let Ok(mut map) = lock(&self.instances) else {
+            return;
+        };
+        let dirty = lock(&self.dirty).map(|d| d.clone()).unwrap_or_default();
+        for c in page {
+            match c.instance {
+                Some(inst) => {
+                    let newer = map
+                        .get(&c.instance_id)
+                        .is_none_or(|t| inst.last_seen >= t.instance.last_seen);
+                    if newer {
+                        if let Some(s) = &sink {
+                            s.upserted(&inst);
+                        }
+                        map.insert(c.instance_id, Tracked { instance: inst });
+                    }
+                }
+                None => {
+                    if !dirty.contains(&c.instance_id)
+                        && let Some(t) = map.remove(&c.instance_id)
+                        && let Some(s) = &sink
+                    {
+                        s.removed(&t.instance);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a heartbeat received by this replica (soft state, flushed in batches).
+    /// `update` gets the previous state, if any, and returns the new one.
+    pub fn heartbeat<R>(
+        &self,
+        id: &str,
+        update: impl FnOnce(Option<&Instance>) -> (Instance, R),
+    ) -> Result<R, Poisoned> {
+        let mut map = lock(&self.instances)?;
+        let (inst, r) = update(map.get(id).map(|t| &t.instance));
+        map.insert(id.to_string(), Tracked { instance: inst });
+        drop(map);
+        lock(&self.dirty)?.insert(id.to_string());
+        Ok(r)
+    }
+
+    /// Takes the instances changed by local heartbeats since the last call.
+    pub fn take_dirty(&self) -> Result<Vec<Instance>, Poisoned> {
+        let ids: Vec<String> = lock(&self.dirty)?.drain().collect();
+        let map = lock(&self.instances)?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| map.get(id).map(|t| t.instance.clone()))
+            .collect())
+    }
+
+    /// Puts back instances whose flush failed, unless they were replaced meanwhile.
+    pub fn restore_dirty(&self, ids: impl IntoIterator<Item = String>) {
+        if let Ok(mut d) = lock(&self.dirty) {
+            d.extend(ids);
+        }
+    }
+}
+
+/// Runs the projector until `shutdown` flips: wakes on the store's feed, on a local poke,
+/// or on a timer (`log_poll` for releases/events, `instance_poll` for instances).
+pub async fn run_projector(
+    projection: Arc<Projection>,
+    store: Arc<dyn Store>,
+    mut shutdown: watch::Receiver<bool>,
+    log_poll: Duration,
+    instance_poll: Duration,
+) {
+    let mut feed = Some(store.feed());
+    let mut log_tick = tokio::time::interval(log_poll);
+    log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inst_tick = tokio::time::interval(instance_poll);
+    inst_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let instances = tokio::select! {
+            r = async {
+                match feed.as_mut() {
+                    Some(f) => f.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if r.is_err() {
+                    // The store dropped its feed: fall back to the timers alone.
+                    feed = None;
+                }
+                false
+            }
+            _ = projection.poke.notified() => false,
+            _ = log_tick.tick() => false,
+            _ = inst_tick.tick() => true,
+            _ = shutdown.changed() => return,
+        };
+        let res = if instances {
+            projection.catch_up_instances(store.as_ref()).await
+        } else {
+            projection.catch_up_log(store.as_ref()).await
+        };
+        match res {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("projector: the store answers again; caught up");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "projector: reading the store failed; retrying");
+            }
+            Err(_) => {}
+        }
+    }
+}
