@@ -19,5 +19,15 @@ fi
 export LOCKSTEP_TEST_PG="${LOCKSTEP_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}"
 export LOCKSTEP_TEST_REDIS="${LOCKSTEP_TEST_REDIS:-redis://127.0.0.1:6379}"
 
+# Every PostgreSQL test works in its own schema `lockstep_t_<random>`; drop them before
+# and after the run (a test that fails or is killed does not drop its own).
+drop_test_schemas() {
+  command -v psql >/dev/null || return 0
+  psql "$LOCKSTEP_TEST_PG" -qAtc "SELECT 'DROP SCHEMA IF EXISTS \"' || nspname || '\" CASCADE;' FROM pg_namespace WHERE nspname LIKE 'lockstep\_t\_%'" 2>/dev/null |
+    psql "$LOCKSTEP_TEST_PG" -q >/dev/null 2>&1 || true
+}
+drop_test_schemas
+trap drop_test_schemas EXIT
+
 echo "== cargo test (PostgreSQL: $LOCKSTEP_TEST_PG, Redis: $LOCKSTEP_TEST_REDIS)"
 cargo test --workspace "$@"
