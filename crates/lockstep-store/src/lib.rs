@@ -190,8 +190,12 @@ pub trait Store: Send + Sync + 'static {
     /// Upserts the soft state of instances (the heartbeat flush). A row is only replaced
     /// by a newer `last_seen` (replicas flush independently), and never resurrected by a
     /// heartbeat older than its deregistration. A newer `last_seen` clears the
-    /// missing-reported mark.
-    async fn save_instances(&self, instances: &[Instance]) -> Result<(), StoreError>;
+    /// missing-reported mark. Returns the instance-feed positions the call reserved
+    /// (first, last), so the writer's own projection can skip reading back what it wrote.
+    async fn save_instances(
+        &self,
+        instances: &[Instance],
+    ) -> Result<Option<(i64, i64)>, StoreError>;
     /// Deregisters an instance and logs `instance_deregistered` (actor `actor`) in the
     /// same transaction; `None` when it was not registered.
     async fn deregister_instance(

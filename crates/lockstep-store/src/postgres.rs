@@ -987,9 +987,12 @@ impl Store for PgStore {
         Ok(Some(ev))
     }
 
-    async fn save_instances(&self, instances: &[Instance]) -> Result<(), StoreError> {
+    async fn save_instances(
+        &self,
+        instances: &[Instance],
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         if instances.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // One row per id: an upsert statement may not touch a row twice. Keep what SQLite
         // would end with applying them in order: the first of the newest heartbeats.
@@ -1015,6 +1018,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         self.lock_instances(&mut tx).await?;
         let (mut seq, _) = allocate(&mut tx, "instance_seq", kept.len() as i64).await?;
+        let first = seq;
         for chunk in kept.chunks(FLUSH_CHUNK) {
             let ids: Vec<&str> = chunk.iter().map(|i| i.instance_id.as_str()).collect();
             let bodies = chunk
@@ -1043,7 +1047,7 @@ impl Store for PgStore {
         }
         // Heartbeats are soft state: no wake-up, projections poll the instance feed.
         tx.commit().await?;
-        Ok(())
+        Ok(Some((first, seq - 1)))
     }
 
     async fn deregister_instance(

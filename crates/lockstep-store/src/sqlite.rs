@@ -592,12 +592,16 @@ impl Store for SqliteStore {
         Ok(Some(ev))
     }
 
-    async fn save_instances(&self, instances: &[Instance]) -> Result<(), StoreError> {
+    async fn save_instances(
+        &self,
+        instances: &[Instance],
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         if instances.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut tx = self.write_tx().await?;
-        let mut seq = next_seq(&mut tx, instances.len() as i64).await?;
+        let first = next_seq(&mut tx, instances.len() as i64).await?;
+        let mut seq = first;
         for i in instances {
             let last_seen = crate::millis(i.last_seen);
             // Only a newer heartbeat replaces a row, and a tombstone only yields to a
@@ -620,7 +624,7 @@ impl Store for SqliteStore {
         }
         // Heartbeats are soft state: no wake-up, projections poll the instance feed.
         tx.commit().await?;
-        Ok(())
+        Ok(Some((first, seq - 1)))
     }
 
     async fn deregister_instance(

@@ -385,7 +385,12 @@ impl RegistryService {
             return 0;
         }
         match self.store.save_instances(&batch).await {
-            Ok(()) => batch.len(),
+            Ok(range) => {
+                if let Some((first, last)) = range {
+                    self.projection.wrote_instances(first, last, &batch);
+                }
+                batch.len()
+            }
             Err(e) => {
                 tracing::error!(error = %e, count = batch.len(), "flushing heartbeats failed; will retry");
                 self.projection

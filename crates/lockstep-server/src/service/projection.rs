@@ -315,7 +315,9 @@ impl Projection {
                 seq = last.seq;
             }
             self.merge_instances(page);
-            self.cursors.send_modify(|c| c.instance_seq = seq);
+            // Never backwards: a local flush may have moved the cursor past its own rows.
+            self.cursors
+                .send_modify(|c| c.instance_seq = c.instance_seq.max(seq));
             if n < (PAGE * 5) as usize {
                 return Ok(());
             }
@@ -366,6 +368,26 @@ impl Projection {
         drop(map);
         lock(&self.dirty)?.insert(id.to_string());
         Ok(r)
+    }
+
+    /// This replica wrote instance-feed positions `first..=last` (its own heartbeats, which
+    /// memory already holds, as new or newer). When everything before them is applied,
+    /// the cursor moves past them without reading them back: with one replica the
+    /// instance feed then costs no read at all.
+    pub fn wrote_instances(&self, first: i64, last: i64, written: &[Instance]) {
+        let mut skipped = false;
+        self.cursors.send_modify(|c| {
+            if c.instance_seq == first - 1 {
+                c.instance_seq = last;
+                skipped = true;
+            }
+        });
+        // What the projector would have told the sink had it read them back.
+        if skipped && let Some(sink) = self.sink() {
+            for i in written {
+                sink.upserted(i);
+            }
+        }
     }
 
     /// Takes the instances changed by local heartbeats since the last call.
