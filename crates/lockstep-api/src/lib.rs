@@ -33,6 +33,8 @@ pub mod codes {
     pub const NO_PREVIOUS_RELEASE: &str = "no_previous_release";
     /// A conflicting name (e.g. a token name already in use).
     pub const CONFLICT: &str = "conflict";
+    /// Revoking the token would leave no admin.
+    pub const LAST_ADMIN: &str = "last_admin";
     /// The body exceeds [`super::MAX_BODY_BYTES`].
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// The body is not `application/json`.

@@ -97,20 +97,24 @@ pub struct StatusCounts {
     pub current: u32,
     /// Instances on an accepted older release.
     pub draining: u32,
-    /// Instances on any other release (or with no expected release to compare with).
+    /// Instances on any other release.
     pub stale: u32,
     /// Instances that stopped heartbeating.
     pub missing: u32,
+    /// Instances of a service with no expected release to compare with.
+    #[serde(default)]
+    pub unknown: u32,
 }
 
 impl StatusCounts {
-    /// Adds one instance of `status`; `unknown` counts as stale because it is not known good.
+    /// Adds one instance of `status`.
     pub fn add(&mut self, status: Status) {
         match status {
             Status::Current => self.current += 1,
             Status::Draining => self.draining += 1,
-            Status::Stale | Status::Unknown => self.stale += 1,
+            Status::Stale => self.stale += 1,
             Status::Missing => self.missing += 1,
+            Status::Unknown => self.unknown += 1,
         }
     }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::{broadcast, watch};
 
-use crate::auth::{self, Auth};
+use crate::auth::{self, Auth, Principal};
 use crate::error::ApiError;
 use crate::service::Change;
 use crate::state::AppState;
@@ -69,6 +69,10 @@ struct Resume<T> {
     fetch: Fetch<T>,
     filter: Filter<T>,
     shutdown: watch::Receiver<bool>,
+    /// Changes whenever the token set does; the stream then re-checks its token.
+    tokens: watch::Receiver<u64>,
+    /// Whether the token that opened the stream is still valid.
+    authorized: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Decremented when the stream is dropped.
     _gauge: Option<GaugeGuard>,
 }
@@ -109,9 +113,22 @@ fn resumable<T: Item>(state: Resume<T>) -> impl Stream<Item = Result<SseEvent, I
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
                 _ = s.shutdown.changed() => return None,
+                r = s.tokens.changed() => {
+                    // A revoked token keeps no stream open, on any replica.
+                    if r.is_err() || !(s.authorized)() {
+                        return None;
+                    }
+                }
             }
         }
     })
+}
+
+/// Whether `who`'s token is still valid, as a check a stream can repeat.
+fn authorized(st: &Arc<AppState>, who: &Principal) -> Arc<dyn Fn() -> bool + Send + Sync> {
+    let st = st.clone();
+    let hash = who.hash;
+    Arc::new(move || st.service.projection().tokens.is_valid(&hash))
 }
 
 /// Reads everything after `since` from the store, page by page.
@@ -164,7 +181,7 @@ pub struct WatchQuery {
         (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn watch(
-    Auth(_who, _): Auth<auth::Worker>,
+    Auth(who, _): Auth<auth::Worker>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
@@ -215,6 +232,8 @@ pub async fn watch(
         fetch,
         filter,
         shutdown: st.shutdown.clone(),
+        tokens: st.service.projection().subscribe_tokens(),
+        authorized: authorized(&st, &who),
         _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))
@@ -233,7 +252,7 @@ pub struct EventStreamQuery {
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn event_stream(
-    Auth(_who, _): Auth<auth::Viewer>,
+    Auth(who, _): Auth<auth::Viewer>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<EventStreamQuery>,
     headers: HeaderMap,
@@ -265,6 +284,8 @@ pub async fn event_stream(
         fetch,
         filter: Arc::new(|_: &Event| true),
         shutdown: st.shutdown.clone(),
+        tokens: st.service.projection().subscribe_tokens(),
+        authorized: authorized(&st, &who),
         _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))
