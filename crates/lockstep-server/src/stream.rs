@@ -165,10 +165,21 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 
 /// Query of `/v1/watch`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WatchQuery {
     /// Only this environment (default: every environment).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub env: Option<String>,
     /// Only this service (default: every service).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: Option<String>,
     /// Send every change with a revision above this first. Without it (and without
     /// `Last-Event-ID`) the current expected release(s) are sent first.
@@ -176,9 +187,14 @@ pub struct WatchQuery {
 }
 
 /// Release changes as Server-Sent Events (`id: <revision>`, `event: release`).
-#[utoipa::path(get, path = "/v1/watch", tag = "releases", params(WatchQuery),
-    responses((status = 200, description = "text/event-stream of releases", content_type = "text/event-stream"),
-        (status = 401, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/watch", tag = "releases",
+    params(WatchQuery, ("Last-Event-ID" = Option<i64>, Header, nullable = false,
+        description = "the last id received; resumes after it (takes precedence over `since`)")),
+    responses(
+        (status = 200, description = "text/event-stream of releases; it stays open", content_type = "text/event-stream"),
+        (status = 400, description = "`bad_request`: a bad filter, `since` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn watch(
     Auth(who, _): Auth<auth::Worker>,
@@ -241,15 +257,22 @@ pub async fn watch(
 
 /// Query of `/v1/events/stream`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventStreamQuery {
     /// Send every event with an id above this first (or use `Last-Event-ID`).
     pub since: Option<i64>,
 }
 
 /// The event log as a live Server-Sent Event stream (`id: <event id>`, `event: <kind>`).
-#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventStreamQuery),
-    responses((status = 200, description = "text/event-stream of events", content_type = "text/event-stream"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events",
+    params(EventStreamQuery, ("Last-Event-ID" = Option<i64>, Header, nullable = false,
+        description = "the last id received; resumes after it (takes precedence over `since`)")),
+    responses(
+        (status = 200, description = "text/event-stream of events; it stays open", content_type = "text/event-stream"),
+        (status = 400, description = "`bad_request`: a bad `since` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn event_stream(
     Auth(who, _): Auth<auth::Viewer>,

@@ -56,7 +56,7 @@ pub enum RegistryError {
 /// Checks an instance id: 1–128 characters, no whitespace, control characters or `/`.
 pub fn check_instance_id(id: &str) -> Result<(), RegistryError> {
     if id.is_empty()
-        || id.len() > 128
+        || id.chars().count() > 128
         || id
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || c == '/')
