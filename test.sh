@@ -3,8 +3,10 @@
 # PostgreSQL and Redis of this machine (started here when they are stopped). Tests that
 # need PostgreSQL or Redis read LOCKSTEP_TEST_PG / LOCKSTEP_TEST_REDIS; each test uses its
 # own schema or key prefix, so nothing here needs a clean database.
+# Without arguments it then checks the HTTP API with third-party tools (.ci/api-check.sh:
+# openapi-spec-validator and schemathesis against a live `lockstep serve`).
 #   ./test.sh                 # everything
-#   ./test.sh -p lockstep-store   # extra arguments go to `cargo test`
+#   ./test.sh -p lockstep-store   # extra arguments go to `cargo test` (no API check)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,3 +33,8 @@ trap drop_test_schemas EXIT
 
 echo "== cargo test (PostgreSQL: $LOCKSTEP_TEST_PG, Redis: $LOCKSTEP_TEST_REDIS)"
 cargo test --workspace "$@"
+
+if [ "$#" -eq 0 ]; then
+  echo "== API check (.ci/api-check.sh)"
+  .ci/api-check.sh
+fi

@@ -33,6 +33,8 @@ pub mod codes {
     pub const NO_PREVIOUS_RELEASE: &str = "no_previous_release";
     /// A conflicting name (e.g. a token name already in use).
     pub const CONFLICT: &str = "conflict";
+    /// Revoking the token would leave no admin.
+    pub const LAST_ADMIN: &str = "last_admin";
     /// The body exceeds [`super::MAX_BODY_BYTES`].
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// The body is not `application/json`.
@@ -68,6 +70,11 @@ pub struct PutRelease {
 pub struct RollbackRequest {
     /// The release to make expected; default: the previous one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub version_id: Option<String>,
     /// Why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,14 +94,35 @@ fn default_env() -> String {
 /// Body of `POST /v1/instances`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
-    /// Stable id of the process.
+    /// Stable id of the process: 1-128 characters, no whitespace, control characters or `/`.
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000/]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub instance_id: String,
     /// Environment (default `production`).
     #[serde(default = "default_env")]
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64,
+        default = "production"
+    )]
     pub env: String,
     /// Service.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: String,
-    /// The release it runs.
+    /// The release it runs: 1-128 characters, no whitespace or control characters.
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub version_id: String,
     /// Baked commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,7 +133,7 @@ pub struct Heartbeat {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub build_date: Option<OffsetDateTime>,
     /// Component versions.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -114,7 +142,12 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Process id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "integral_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(format = Int64, maximum = 4294967295_u64)]
     pub pid: Option<u32>,
     /// Process start time.
     #[serde(
@@ -122,7 +155,7 @@ pub struct Heartbeat {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub started_at: Option<OffsetDateTime>,
     /// URL where the gateway and the agent reach it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +163,29 @@ pub struct Heartbeat {
     /// Self-reported health.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+}
+
+/// Reads an optional `u32` written as an integer or as an integral float (`42.0`): JSON and
+/// JSON Schema make no difference between the two, so a client validating against the
+/// OpenAPI description may send either.
+fn integral_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .and_then(|u| u32::try_from(u).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "expected an integer from 0 to {}, got {n}",
+                u32::MAX
+            ))
+        })
 }
 
 /// Answer to a heartbeat: one round-trip tells the instance whether it is current.
@@ -215,7 +271,7 @@ pub struct Event {
     pub id: i64,
     /// When it happened.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub at: OffsetDateTime,
     /// What happened, e.g. `release_registered`, `release_rolled_back`, `token_created`.
     pub kind: String,
@@ -248,6 +304,11 @@ pub struct EventPage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateToken {
     /// Unique name; it is the actor recorded in events.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
     /// Its role.
     pub role: Role,
@@ -273,7 +334,7 @@ pub struct TokenInfo {
     pub role: Role,
     /// Creation time.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub created_at: OffsetDateTime,
 }
 
@@ -292,4 +353,27 @@ pub struct Health {
     /// Which replica answered, which one leads, and the store backend (`/healthz` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(json: &str) -> Result<Option<u32>, String> {
+        let body = format!(r#"{{"instance_id":"i","service":"s","version_id":"v","pid":{json}}}"#);
+        serde_json::from_str::<Heartbeat>(&body)
+            .map(|h| h.pid)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_pid_is_read_as_json_schema_reads_an_integer() {
+        assert_eq!(pid("42"), Ok(Some(42)));
+        assert_eq!(pid("42.0"), Ok(Some(42)));
+        assert_eq!(pid("null"), Ok(None));
+        assert_eq!(pid("4294967295"), Ok(Some(u32::MAX)));
+        for bad in ["42.5", "-1", "4294967296", "1e300", "\"42\""] {
+            assert!(pid(bad).is_err(), "{bad}");
+        }
+    }
 }

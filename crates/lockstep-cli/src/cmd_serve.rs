@@ -74,6 +74,14 @@ pub struct ServeArgs {
     /// Forget instances that have been missing this long.
     #[arg(long, env = "LOCKSTEP_INSTANCE_RETENTION", default_value = "24h", value_parser = parse_duration)]
     instance_retention: Duration,
+    /// Close a connection that does not deliver a request's headers within this long (a
+    /// stuck client, or an idle keep-alive connection). Open watch streams are unaffected.
+    #[arg(long, env = "LOCKSTEP_HEADER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    header_timeout: Duration,
+    /// At most this many open connections, watch streams included; beyond it new
+    /// connections wait until one closes (and a warning is logged).
+    #[arg(long, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 25_000)]
+    max_connections: usize,
     /// Log format on stderr.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -151,6 +159,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         instance_ttl: args.instance_ttl,
         instance_retention: args.instance_retention,
         lease_ttl: args.leader_lease,
+        header_read_timeout: args.header_timeout,
+        max_connections: args.max_connections.max(1),
         lease_renew: (args.leader_lease / 5)
             .clamp(Duration::from_millis(200), Duration::from_secs(1)),
         ..Config::default()

@@ -652,3 +652,46 @@ async fn with_redis_stopped_registrations_and_heartbeats_still_answer_at_once() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_on_one_replica_ends_within_a_second_of_its_token_being_revoked_through_the_other()
+{
+    let Some(url) = fresh_pg_url().await else {
+        return;
+    };
+    let a = replica(&url, "rev-a", &[]);
+    let b = replica(&url, "rev-b", &[]);
+    let admin_a = a.client(ADMIN_TOKEN);
+    admin_a
+        .put_release("production", "api", &release("v1"))
+        .await
+        .expect("v1");
+    let secret = admin_a
+        .create_token("edge", Role::Worker)
+        .await
+        .expect("token")
+        .token;
+    let edge_b = b.client(&secret);
+    let mut watch = eventually(Duration::from_secs(2), || async {
+        edge_b
+            .watch(Some("production"), Some("api"), None)
+            .await
+            .ok()
+            .map(Box::pin)
+    })
+    .await
+    .expect("B accepts the token")
+    .0;
+    assert_eq!(next_event(&mut watch).await.event, "release");
+    admin_a
+        .revoke_token("edge")
+        .await
+        .expect("revoke through A");
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while watch.next().await.is_some() {}
+    })
+    .await
+    .expect("B's stream ends within 1 s of the revocation through A");
+    println!("ended after {:?}", start.elapsed());
+}

@@ -44,7 +44,8 @@ impl VersionCheckLayer {
         }
     }
 
-    /// Lets requests whose path starts with `prefix` through even when stale.
+    /// Lets requests under `prefix` through even when stale, matching whole path segments:
+    /// `exempt("/healthz")` covers `/healthz` and `/healthz/live`, not `/healthzX`.
     pub fn exempt(mut self, prefix: impl Into<String>) -> Self {
         self.exempt.push(prefix.into());
         self
@@ -103,14 +104,40 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let (watcher, exempt) = &*self.check;
-        if watcher.is_current()
-            || exempt
-                .iter()
-                .any(|p| req.uri().path().starts_with(p.as_str()))
-        {
+        if watcher.is_current() || exempt.iter().any(|p| under(req.uri().path(), p)) {
             Either::Left(self.inner.call(req))
         } else {
             Either::Right(ready(Ok(stale_response())))
+        }
+    }
+}
+
+/// Whether `path` is `prefix` or lies below it, segment-wise.
+fn under(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+#[cfg(test)]
+mod exempt_tests {
+    use super::under;
+
+    #[test]
+    fn exempt_paths_match_whole_segments_only() {
+        for (path, prefix, expect) in [
+            ("/healthz", "/healthz", true),
+            ("/healthz/live", "/healthz", true),
+            ("/healthz/live", "/healthz/", true),
+            ("/healthzX", "/healthz", false),
+            ("/healthz-debug", "/healthz", false),
+            ("/api/healthz", "/healthz", false),
+            ("/anything", "/", true),
+        ] {
+            assert_eq!(under(path, prefix), expect, "{path} under {prefix}");
         }
     }
 }

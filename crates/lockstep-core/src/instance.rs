@@ -26,7 +26,7 @@ pub struct Instance {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub build_date: Option<OffsetDateTime>,
     /// Component versions it reports.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -36,6 +36,7 @@ pub struct Instance {
     pub host: Option<String>,
     /// Process id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = Int64, maximum = 4294967295_u64)]
     pub pid: Option<u32>,
     /// When the process started.
     #[serde(
@@ -43,15 +44,15 @@ pub struct Instance {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub started_at: Option<OffsetDateTime>,
     /// When the registry first heard of it with this version id.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub first_seen: OffsetDateTime,
     /// Last heartbeat.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub last_seen: OffsetDateTime,
     /// URL the gateway and the agent use to reach it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,20 +98,24 @@ pub struct StatusCounts {
     pub current: u32,
     /// Instances on an accepted older release.
     pub draining: u32,
-    /// Instances on any other release (or with no expected release to compare with).
+    /// Instances on any other release.
     pub stale: u32,
     /// Instances that stopped heartbeating.
     pub missing: u32,
+    /// Instances of a service with no expected release to compare with.
+    #[serde(default)]
+    pub unknown: u32,
 }
 
 impl StatusCounts {
-    /// Adds one instance of `status`; `unknown` counts as stale because it is not known good.
+    /// Adds one instance of `status`.
     pub fn add(&mut self, status: Status) {
         match status {
             Status::Current => self.current += 1,
             Status::Draining => self.draining += 1,
-            Status::Stale | Status::Unknown => self.stale += 1,
+            Status::Stale => self.stale += 1,
             Status::Missing => self.missing += 1,
+            Status::Unknown => self.unknown += 1,
         }
     }
 }

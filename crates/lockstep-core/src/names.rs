@@ -26,8 +26,10 @@ pub fn validate_version_id(id: &str) -> Result<(), CoreError> {
     if id.is_empty() {
         return Err(CoreError::InvalidVersionId("must not be empty"));
     }
-    if id.len() > 128 {
-        return Err(CoreError::InvalidVersionId("longer than 128 bytes"));
+    // Characters, not bytes: the OpenAPI description says `maxLength: 128`, which counts
+    // characters, and a client validating against it must not be refused here.
+    if id.chars().count() > 128 {
+        return Err(CoreError::InvalidVersionId("longer than 128 characters"));
     }
     if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CoreError::InvalidVersionId(

@@ -18,7 +18,13 @@ fn is_true(b: &bool) -> bool {
 /// What a deploy produced. Only `version_id` is compared; the rest informs people and rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Release {
-    /// The identity compared with what instances run (a UUID v4, a git SHA, …).
+    /// The identity compared with what instances run (a UUID v4, a git SHA, …): 1-128
+    /// characters, no whitespace or control characters.
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub version_id: String,
     /// Human label, e.g. `v1.4.0` or `dev-b7e4c27`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -32,7 +38,7 @@ pub struct Release {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub build_date: Option<OffsetDateTime>,
     /// When it was deployed; set by the registry when absent.
     #[serde(
@@ -40,13 +46,18 @@ pub struct Release {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub deployed_at: Option<OffsetDateTime>,
     /// Component name → version; compared where both sides report them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub components: BTreeMap<String, String>,
     /// Older version ids still allowed to serve while they drain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub accepts: Vec<String>,
     /// False when this release ran a migration that an older release cannot read.
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
@@ -95,7 +106,7 @@ pub struct StoredRelease {
     pub kind: RegistrationKind,
     /// When this revision was written.
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
     pub registered_at: OffsetDateTime,
     /// The release itself.
     #[serde(flatten)]

@@ -5,7 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use lockstep_api::{CreateToken, CreatedToken, ErrorBody, EventPage, Health, TokenInfo, TokenList};
-use lockstep_core::Status;
+use lockstep_core::{Status, validate_name};
 use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -18,23 +18,30 @@ use crate::state::AppState;
 
 /// Query of `/v1/events`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Events with an id above this (default 0).
     pub since: Option<i64>,
-    /// At most this many (default 100, at most 1000).
+    /// At most this many events: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
 /// The event log, oldest first from `since`.
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
-    responses((status = 200, body = EventPage), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses(
+        (status = 200, description = "events with an id above `since`, oldest first", body = EventPage),
+        (status = 400, description = "`bad_request`: a bad `since`, or `limit` outside 1-1000", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events(
     Auth(_who, _): Auth<auth::Viewer>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = crate::releases::page_limit(q.limit, 100)?;
     let events = st
         .service
         .store()
@@ -45,7 +52,15 @@ pub async fn events(
 
 /// Creates a token; the secret is in this answer only.
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
-    responses((status = 201, body = CreatedToken), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses(
+        (status = 201, description = "the token, with its secret (shown once)", body = CreatedToken),
+        (status = 400, description = "`bad_request`: a bad name or role, or a malformed body", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the admin role", body = ErrorBody),
+        (status = 409, description = "`conflict`: a token with this name exists", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body exceeds 64 KiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create_token(
     Auth(who, _): Auth<auth::Admin>,
@@ -61,7 +76,11 @@ pub async fn create_token(
 
 /// Lists tokens (names and roles, never secrets).
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
-    responses((status = 200, body = TokenList), (status = 403, body = ErrorBody)),
+    responses(
+        (status = 200, description = "every active token", body = TokenList),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the admin role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_tokens(
     Auth(_who, _): Auth<auth::Admin>,
@@ -83,20 +102,31 @@ pub async fn list_tokens(
 }
 
 /// Revokes a token by name; it stops working at once.
-#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "tokens", params(("name" = String, Path)),
-    responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody)),
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "tokens",
+    params(("name" = String, Path, description = "token name",
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$", min_length = 1, max_length = 64)),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 400, description = "`bad_request`: not a valid token name", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the admin role", body = ErrorBody),
+        (status = 404, description = "`not_found`: no token with this name", body = ErrorBody),
+        (status = 409, description = "`last_admin`: it is the last admin token", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn revoke_token(
     Auth(who, _): Auth<auth::Admin>,
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    validate_name("token", &name)?;
     st.service.revoke_token(&name, &who.name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "the process answers", body = Health)))]
 pub async fn healthz(State(st): State<Arc<AppState>>) -> Json<Health> {
     let lead = st.service.leadership();
     Json(Health {
@@ -111,7 +141,9 @@ pub async fn healthz(State(st): State<Arc<AppState>>) -> Json<Health> {
 
 /// Readiness: the store answers too.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "ready: the store answers", body = Health),
+        (status = 503, description = "`service_unavailable`: the store does not answer, or shutting down", body = ErrorBody)))]
 pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
     if *st.shutdown.borrow() {
         return Err(ApiError::Unavailable);
@@ -130,7 +162,9 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<Health>, Api
 
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)))]
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let c = &st.counters;
     let mut out = String::with_capacity(1024);

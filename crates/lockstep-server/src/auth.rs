@@ -19,6 +19,9 @@ pub struct Principal {
     pub name: String,
     /// The token's role.
     pub role: Role,
+    /// SHA-256 of the presented secret: long-lived streams re-check it after every
+    /// change of the token set and end once it is revoked.
+    pub hash: [u8; 32],
 }
 
 /// A fresh random token: `lst_` and 64 hex digits (244 random bits from the OS).
@@ -60,6 +63,19 @@ impl TokenSet {
         if let Ok(mut g) = self.entries.write() {
             g.retain(|(_, p)| p.name != name);
         }
+    }
+
+    /// Whether a token with this hash is still valid.
+    pub fn is_valid(&self, hash: &[u8; 32]) -> bool {
+        let Ok(g) = self.entries.read() else {
+            // Unknown state: treat as revoked, so a stream ends rather than outlives it.
+            return false;
+        };
+        let mut found = false;
+        for (h, _) in g.iter() {
+            found |= bool::from(h.ct_eq(hash));
+        }
+        found
     }
 
     /// Finds the principal of a presented token, comparing every stored hash in constant time.
@@ -119,8 +135,10 @@ mod tests {
             Principal {
                 name: "w".into(),
                 role: Role::Worker,
+                hash: hash_token(&t),
             },
         );
+        assert!(set.is_valid(&hash_token(&t)));
         let ok = set.authorize(&headers(&format!("Bearer {t}")), Role::Worker);
         assert_eq!(ok.ok().map(|p| p.name), Some("w".to_string()));
         assert!(matches!(
@@ -141,6 +159,7 @@ mod tests {
         ));
         set.remove("w");
         assert!(set.lookup(&t).is_none());
+        assert!(!set.is_valid(&hash_token(&t)));
     }
 }
 

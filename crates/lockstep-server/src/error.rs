@@ -106,6 +106,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(what) => {
                 ApiError::Conflict(codes::CONFLICT, format!("{what} already exists"))
             }
+            StoreError::LastAdmin => {
+                ApiError::Conflict(codes::LAST_ADMIN, StoreError::LastAdmin.to_string())
+            }
             StoreError::NoRelease { env, service } => ApiError::NotFound(
                 codes::NO_RELEASE,
                 format!("no release registered for {service} in {env}"),
@@ -180,4 +183,16 @@ pub(crate) async fn json_errors(resp: Response) -> Response {
         }
     }
     out
+}
+
+/// Refuses an HTTP/1.1 request without a `Host` header (400).
+pub(crate) async fn require_host(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.version() == axum::http::Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        return ApiError::BadRequest("an HTTP/1.1 request must carry a Host header".into())
+            .into_response();
+    }
+    next.run(req).await
 }

@@ -18,7 +18,13 @@ use crate::state::AppState;
 
 /// Registers or refreshes an instance; answers with its status and the expected release.
 #[utoipa::path(post, path = "/v1/instances", tag = "instances", request_body = Heartbeat,
-    responses((status = 200, body = HeartbeatAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 200, description = "the instance's status and the expected release", body = HeartbeatAnswer),
+        (status = 400, description = "`bad_request`: a bad name, instance id, version id or body", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body exceeds 64 KiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn heartbeat(
     Auth(_who, _): Auth<auth::Worker>,
@@ -55,8 +61,15 @@ fn answer_json(st: &AppState, status: Status, expected: Option<&[u8]>) -> Vec<u8
 
 /// Deregisters an instance on clean shutdown.
 #[utoipa::path(delete, path = "/v1/instances/{id}", tag = "instances",
-    params(("id" = String, Path, description = "instance id")),
-    responses((status = 204, description = "forgotten"), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    params(("id" = String, Path, description = "instance id: 1-128 characters, no whitespace, control characters or '/'",
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000/]{1,128}$",
+        min_length = 1, max_length = 128)),
+    responses(
+        (status = 204, description = "forgotten"),
+        (status = 400, description = "`bad_request`: a malformed instance id", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such instance is registered", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn deregister(
     Auth(who, _): Auth<auth::Worker>,

@@ -1,6 +1,6 @@
 //! A JSON body extractor whose every rejection is a lockstep error body: 400 for malformed
 //! JSON or a missing field (with serde's explanation), 413 beyond the body cap, 415 for a
-//! multipart body. An empty body reads as `{}` where the type allows it.
+//! multipart body. An empty body (or `null`) reads as `{}` where the type allows it.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -37,11 +37,14 @@ where
                 ApiError::BadRequest(format!("could not read the body: {rej}"))
             }
         })?;
-        let slice: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
+        // No body, or a JSON `null` (an optional body sent as "nothing" by a generated
+        // client), reads as `{}`.
+        let slice: &[u8] =
+            if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
+                b"{}"
+            } else {
+                &bytes
+            };
         serde_json::from_slice(slice)
             .map(JsonBody)
             .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))

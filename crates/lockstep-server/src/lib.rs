@@ -143,6 +143,9 @@ impl Registry {
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))
+            // HTTP/1.1 makes Host mandatory (RFC 9112 §3.2); answering without one would
+            // hide a broken client or proxy.
+            .layer(axum::middleware::from_fn(error::require_host))
             // The cap applies before any handler reads a byte, so an oversized body costs
             // nothing but the 413.
             .layer(DefaultBodyLimit::max(lockstep_api::MAX_BODY_BYTES))
@@ -167,9 +170,44 @@ impl Registry {
             .spawn_background(self.state.shutdown.clone());
         let service = hyper_util::service::TowerToHyperService::new(self.router());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let http = hyper::server::conn::http1::Builder::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // A client that opens a connection and never finishes its headers — or an idle
+        // keep-alive connection that sends no next request — is closed after this long.
+        // Established watch streams are past their headers and unaffected.
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.state.config.header_read_timeout);
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.state.config.max_connections,
+        ));
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut at_limit = false;
         loop {
+            // A bound on open connections: at the limit, new ones wait in the kernel's
+            // backlog until one closes, instead of exhausting memory or descriptors.
+            let permit = match limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if !at_limit {
+                        at_limit = true;
+                        tracing::warn!(
+                            max_connections = self.state.config.max_connections,
+                            "connection limit reached; new connections wait until one closes \
+                             (raise --max-connections if this is expected load)"
+                        );
+                    }
+                    tokio::select! {
+                        p = limit.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        _ = &mut shutdown => break,
+                    }
+                }
+            };
+            if at_limit && limit.available_permits() > self.state.config.max_connections / 10 {
+                at_limit = false;
+                tracing::info!("below the connection limit again");
+            }
             let (stream, _peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(c) => c,
@@ -188,6 +226,7 @@ impl Registry {
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
+                drop(permit);
             });
         }
         tracing::info!("shutting down: closing streams, draining requests");

@@ -31,6 +31,11 @@ pub struct Config {
     pub log_poll: Duration,
     /// How often heartbeats flushed by other replicas are read.
     pub instance_poll: Duration,
+    /// A connection that does not deliver a request's headers within this long (a stuck
+    /// client, or an idle keep-alive connection) is closed.
+    pub header_read_timeout: Duration,
+    /// At most this many open connections (watch streams included).
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -46,6 +51,8 @@ impl Default for Config {
             lease_renew: Duration::from_secs(1),
             log_poll: Duration::from_secs(1),
             instance_poll: Duration::from_millis(500),
+            header_read_timeout: Duration::from_secs(20),
+            max_connections: 25_000,
         }
     }
 }

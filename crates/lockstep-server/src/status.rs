@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use lockstep_api::{
     EnvStatus, ErrorBody, InstanceStatus, RegistryInfo, ServiceStatus, StatusReport,
 };
-use lockstep_core::{StatusCounts, drift_secs, instance_status};
+use lockstep_core::{StatusCounts, drift_secs, instance_status, validate_name};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,10 +19,21 @@ use crate::state::AppState;
 
 /// Filters of `/v1/status`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     /// Only this environment.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub env: Option<String>,
     /// Only this service.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: Option<String>,
 }
 
@@ -107,12 +118,23 @@ pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> 
 
 /// Every environment, service, expected release and instance with its status.
 #[utoipa::path(get, path = "/v1/status", tag = "status", params(StatusQuery),
-    responses((status = 200, body = StatusReport), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses(
+        (status = 200, description = "the fleet's status", body = StatusReport),
+        (status = 400, description = "`bad_request`: a filter is not a valid name", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn status(
     Auth(_who, _): Auth<auth::Viewer>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<StatusReport>, ApiError> {
+    if let Some(e) = &q.env {
+        validate_name("environment", e)?;
+    }
+    if let Some(s) = &q.service {
+        validate_name("service", s)?;
+    }
     Ok(Json(report(&st, &q)?))
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::{broadcast, watch};
 
-use crate::auth::{self, Auth};
+use crate::auth::{self, Auth, Principal};
 use crate::error::ApiError;
 use crate::service::Change;
 use crate::state::AppState;
@@ -69,6 +69,10 @@ struct Resume<T> {
     fetch: Fetch<T>,
     filter: Filter<T>,
     shutdown: watch::Receiver<bool>,
+    /// Changes whenever the token set does; the stream then re-checks its token.
+    tokens: watch::Receiver<u64>,
+    /// Whether the token that opened the stream is still valid.
+    authorized: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Decremented when the stream is dropped.
     _gauge: Option<GaugeGuard>,
 }
@@ -109,9 +113,22 @@ fn resumable<T: Item>(state: Resume<T>) -> impl Stream<Item = Result<SseEvent, I
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
                 _ = s.shutdown.changed() => return None,
+                r = s.tokens.changed() => {
+                    // A revoked token keeps no stream open, on any replica.
+                    if r.is_err() || !(s.authorized)() {
+                        return None;
+                    }
+                }
             }
         }
     })
+}
+
+/// Whether `who`'s token is still valid, as a check a stream can repeat.
+fn authorized(st: &Arc<AppState>, who: &Principal) -> Arc<dyn Fn() -> bool + Send + Sync> {
+    let st = st.clone();
+    let hash = who.hash;
+    Arc::new(move || st.service.projection().tokens.is_valid(&hash))
 }
 
 /// Reads everything after `since` from the store, page by page.
@@ -148,10 +165,21 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 
 /// Query of `/v1/watch`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WatchQuery {
     /// Only this environment (default: every environment).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub env: Option<String>,
     /// Only this service (default: every service).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: Option<String>,
     /// Send every change with a revision above this first. Without it (and without
     /// `Last-Event-ID`) the current expected release(s) are sent first.
@@ -159,12 +187,17 @@ pub struct WatchQuery {
 }
 
 /// Release changes as Server-Sent Events (`id: <revision>`, `event: release`).
-#[utoipa::path(get, path = "/v1/watch", tag = "releases", params(WatchQuery),
-    responses((status = 200, description = "text/event-stream of releases", content_type = "text/event-stream"),
-        (status = 401, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/watch", tag = "releases",
+    params(WatchQuery, ("Last-Event-ID" = Option<i64>, Header, nullable = false,
+        description = "the last id received; resumes after it (takes precedence over `since`)")),
+    responses(
+        (status = 200, description = "text/event-stream of releases; it stays open", content_type = "text/event-stream"),
+        (status = 400, description = "`bad_request`: a bad filter, `since` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn watch(
-    Auth(_who, _): Auth<auth::Worker>,
+    Auth(who, _): Auth<auth::Worker>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
@@ -215,6 +248,8 @@ pub async fn watch(
         fetch,
         filter,
         shutdown: st.shutdown.clone(),
+        tokens: st.service.projection().subscribe_tokens(),
+        authorized: authorized(&st, &who),
         _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))
@@ -222,18 +257,25 @@ pub async fn watch(
 
 /// Query of `/v1/events/stream`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventStreamQuery {
     /// Send every event with an id above this first (or use `Last-Event-ID`).
     pub since: Option<i64>,
 }
 
 /// The event log as a live Server-Sent Event stream (`id: <event id>`, `event: <kind>`).
-#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventStreamQuery),
-    responses((status = 200, description = "text/event-stream of events", content_type = "text/event-stream"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events",
+    params(EventStreamQuery, ("Last-Event-ID" = Option<i64>, Header, nullable = false,
+        description = "the last id received; resumes after it (takes precedence over `since`)")),
+    responses(
+        (status = 200, description = "text/event-stream of events; it stays open", content_type = "text/event-stream"),
+        (status = 400, description = "`bad_request`: a bad `since` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn event_stream(
-    Auth(_who, _): Auth<auth::Viewer>,
+    Auth(who, _): Auth<auth::Viewer>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<EventStreamQuery>,
     headers: HeaderMap,
@@ -265,6 +307,8 @@ pub async fn event_stream(
         fetch,
         filter: Arc::new(|_: &Event| true),
         shutdown: st.shutdown.clone(),
+        tokens: st.service.projection().subscribe_tokens(),
+        authorized: authorized(&st, &who),
         _gauge: Some(gauge),
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(st.config.keepalive)))

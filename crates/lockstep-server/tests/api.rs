@@ -829,6 +829,197 @@ async fn health_readiness_metrics_and_openapi_need_no_token() {
     assert!(doc["components"]["schemas"]["StoredRelease"].is_object());
 }
 
+async fn openapi(reg: &InProcessRegistry) -> Value {
+    http()
+        .get(format!("{}/openapi.json", reg.url))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn the_openapi_description_declares_query_parameters_in_the_query_and_describes_every_response()
+ {
+    let reg = InProcessRegistry::start().await;
+    let doc = openapi(&reg).await;
+    let name_pattern = "^[a-z0-9][a-z0-9._-]{0,63}$";
+    let param = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"))
+    };
+    for (path, name) in [
+        ("/v1/events", "since"),
+        ("/v1/events", "limit"),
+        ("/v1/events/stream", "since"),
+        ("/v1/envs/{env}/services/{svc}/releases", "limit"),
+        ("/v1/status", "env"),
+        ("/v1/status", "service"),
+        ("/v1/watch", "env"),
+        ("/v1/watch", "service"),
+        ("/v1/watch", "since"),
+    ] {
+        let p = param(path, "get", name);
+        assert_eq!(p["in"], "query", "{path} {name}: {p}");
+        assert_ne!(p["required"], true, "{path} {name}: {p}");
+    }
+    for path in ["/v1/events", "/v1/envs/{env}/services/{svc}/releases"] {
+        let limit = param(path, "get", "limit");
+        assert_eq!(limit["schema"]["minimum"], 1, "{path}: {limit}");
+        assert_eq!(limit["schema"]["maximum"], 1000, "{path}: {limit}");
+    }
+    for name in ["env", "svc"] {
+        let p = param("/v1/envs/{env}/services/{svc}/release", "put", name);
+        assert_eq!(p["in"], "path");
+        assert_eq!(p["schema"]["pattern"], name_pattern, "{p}");
+    }
+    let rollback = &doc["paths"]["/v1/envs/{env}/services/{svc}/rollback"]["post"];
+    assert_ne!(rollback["requestBody"]["required"], true, "{rollback}");
+    let release = &doc["components"]["schemas"]["Release"]["properties"];
+    assert_eq!(release["version_id"]["minLength"], 1, "{release}");
+    assert_eq!(release["build_date"]["format"], "date-time", "{release}");
+
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            operations += 1;
+            let responses = op["responses"].as_object().expect("responses");
+            for (status, response) in responses {
+                assert!(
+                    response["description"]
+                        .as_str()
+                        .is_some_and(|d| !d.is_empty()),
+                    "{method} {path} {status} has no description"
+                );
+            }
+            let has = |status: &str| responses.contains_key(status);
+            if op.get("security").is_some() {
+                assert!(has("401"), "{method} {path} lacks 401");
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415"] {
+                    assert!(has(status), "{method} {path} lacks {status}");
+                }
+            }
+            let params = op["parameters"].as_array().map_or(&[][..], |v| &v[..]);
+            if !params.is_empty() {
+                assert!(has("400"), "{method} {path} validates input but lacks 400");
+            }
+        }
+    }
+    assert_eq!(operations, 16);
+}
+
+#[tokio::test]
+async fn limit_out_of_range_is_a_400() {
+    let reg = InProcessRegistry::start().await;
+    for v in ["v1", "v2", "v3"] {
+        let (status, body) = put(&reg, Some(ADMIN_TOKEN), "api", json!({"version_id": v})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let base = reg.url.clone();
+    let get = |path: String| {
+        let req = http().get(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
+        async move {
+            let resp = req.send().await.expect("send");
+            let status = resp.status();
+            (status, resp.json::<Value>().await.expect("json"))
+        }
+    };
+    let history = "/v1/envs/production/services/api/releases";
+    for path in [history, "/v1/events"] {
+        for limit in ["0", "1001", "4294967295"] {
+            let (status, body) = get(format!("{path}?limit={limit}")).await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{path} limit={limit}: {body}"
+            );
+            assert_eq!(body["error"], "bad_request");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("between 1 and 1000"),
+                "{body}"
+            );
+        }
+        for limit in ["-1", "two"] {
+            let (status, _) = get(format!("{path}?limit={limit}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path} limit={limit}");
+        }
+    }
+    let (status, body) = get(format!("{history}?limit=1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["releases"].as_array().map(Vec::len), Some(1), "{body}");
+    let (status, body) = get(format!("{history}?limit=1000")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["releases"].as_array().map(Vec::len), Some(3), "{body}");
+    let (status, body) = get("/v1/events?limit=2".into()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(2), "{body}");
+}
+
+#[tokio::test]
+async fn what_the_openapi_description_allows_is_accepted_and_what_it_forbids_is_a_400() {
+    let reg = InProcessRegistry::start().await;
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut req = http()
+            .request(method, format!("{}{path}", reg.url))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move { req.send().await.expect("send").status() }
+    };
+    use reqwest::Method;
+    // Filters and token names follow the name pattern.
+    assert_eq!(send(Method::GET, "/v1/status?env=Prod", None).await, 400);
+    assert_eq!(send(Method::GET, "/v1/status?service=", None).await, 400);
+    assert_eq!(send(Method::GET, "/v1/status?env=prod", None).await, 200);
+    assert_eq!(
+        send(Method::DELETE, "/v1/tokens/No%20Such", None).await,
+        400
+    );
+    assert_eq!(send(Method::DELETE, "/v1/tokens/no-such", None).await, 404);
+    // Version and instance ids are limited in characters, not bytes.
+    let long = "é".repeat(128);
+    let hb = |instance: &str, version: &str| json!({"instance_id": instance, "service": "api", "version_id": version, "pid": 42.0});
+    assert_eq!(
+        send(Method::POST, "/v1/instances", Some(hb(&long, &long))).await,
+        200
+    );
+    let longer = "é".repeat(129);
+    assert_eq!(
+        send(Method::POST, "/v1/instances", Some(hb(&longer, "v1"))).await,
+        400
+    );
+    assert_eq!(
+        send(Method::POST, "/v1/instances", Some(hb("i", &longer))).await,
+        400
+    );
+    // A process id is a JSON integer, whichever way it is written; a fraction is not.
+    let mut fraction = hb("i", "v1");
+    fraction["pid"] = json!(42.5);
+    assert_eq!(
+        send(Method::POST, "/v1/instances", Some(fraction)).await,
+        400
+    );
+    // The rollback body is optional: none, `{}` and `null` all mean "the previous release".
+    for v in ["v1", "v2", "v3"] {
+        let (status, _) = put(&reg, Some(ADMIN_TOKEN), "api", json!({"version_id": v})).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let rollback = "/v1/envs/production/services/api/rollback";
+    assert_eq!(send(Method::POST, rollback, None).await, 200);
+    assert_eq!(send(Method::POST, rollback, Some(Value::Null)).await, 200);
+}
+
 #[tokio::test]
 async fn state_survives_a_graceful_restart_including_unflushed_heartbeats() {
     let reg = InProcessRegistry::start().await;

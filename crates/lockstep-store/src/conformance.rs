@@ -321,6 +321,53 @@ async fn tokens_are_unique_and_revocable(store: &dyn Store) {
             .is_none()
     );
     assert_eq!(store.tokens().await.expect("tokens").len(), 1);
+
+    // The last admin token cannot be revoked; with a second admin it can.
+    assert!(matches!(
+        store.revoke_token("admin", "root").await,
+        Err(StoreError::LastAdmin)
+    ));
+    assert_eq!(
+        store.tokens().await.expect("tokens").len(),
+        1,
+        "nothing changed"
+    );
+    store
+        .create_token(t("second-admin", "h5", Role::Admin), "root")
+        .await
+        .expect("second admin");
+    store
+        .revoke_token("admin", "second-admin")
+        .await
+        .expect("revoke")
+        .expect("revoked");
+    // A revoked secret stays revoked when it is set again as the bootstrap token...
+    assert!(matches!(
+        store.upsert_token(t("admin", "h4", Role::Admin)).await,
+        Err(StoreError::Revoked(_))
+    ));
+    assert!(
+        !store
+            .tokens()
+            .await
+            .expect("tokens")
+            .iter()
+            .any(|x| x.name == "admin")
+    );
+    // ...and a new secret restores admin access under the bootstrap name.
+    store
+        .upsert_token(t("admin", "h6", Role::Admin))
+        .await
+        .expect("new bootstrap secret")
+        .expect("logged");
+    assert!(
+        store
+            .tokens()
+            .await
+            .expect("tokens")
+            .iter()
+            .any(|x| x.name == "admin" && x.hash == "h6")
+    );
 }
 
 /// Every instance change after `since`, paged.

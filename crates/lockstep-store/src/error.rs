@@ -17,6 +17,12 @@ pub enum StoreError {
         /// Service.
         service: String,
     },
+    /// Revoking this token would leave no admin token.
+    #[error("the last admin token cannot be revoked: create another admin token first")]
+    LastAdmin,
+    /// The token was revoked before and stays revoked (a bootstrap token set again).
+    #[error("the token {0:?} was revoked and stays revoked")]
+    Revoked(String),
     /// A leader-only write was attempted by a replica that does not hold the leader lease.
     #[error("this replica does not hold the leader lease")]
     NotLeader,

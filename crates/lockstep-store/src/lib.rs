@@ -180,11 +180,15 @@ pub trait Store: Send + Sync + 'static {
     /// `Conflict` when the name is taken.
     async fn create_token(&self, token: StoredToken, actor: &str) -> Result<Event, StoreError>;
     /// Creates or replaces a token (the bootstrap admin token). Logs `token_bootstrapped`
-    /// and returns that event only when something changed.
+    /// and returns that event only when something changed. A secret that was revoked
+    /// stays revoked: `Revoked`, and nothing changes.
     async fn upsert_token(&self, token: StoredToken) -> Result<Option<Event>, StoreError>;
     /// Every active token.
     async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError>;
-    /// Revokes a token by name and logs `token_revoked`; `None` when there was none.
+    /// Revokes a token by name and logs `token_revoked`; `None` when there was none;
+    /// `LastAdmin` (and nothing changes) when it is the only admin token left. Its secret
+    /// is remembered as revoked, so setting it again as the bootstrap token does not
+    /// bring it back.
     async fn revoke_token(&self, name: &str, actor: &str) -> Result<Option<Event>, StoreError>;
 
     /// Upserts the soft state of instances (the heartbeat flush). A row is only replaced

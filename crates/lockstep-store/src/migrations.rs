@@ -63,6 +63,16 @@ CREATE TABLE leases (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+CREATE TABLE revoked_tokens (
+    hash       TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    revoked_at TEXT NOT NULL
+);
+"#,
+    ),
 ];
 
 /// PostgreSQL schema steps: (version, SQL), applied in the connection's current schema
@@ -72,9 +82,10 @@ CREATE TABLE leases (
 /// so the conditional upsert compares the same numbers. JSON is kept as text, as SQLite
 /// keeps it: it round-trips byte for byte, costs no parsing on the heartbeat path, and
 /// accepts `\u0000`, which `JSONB` refuses (cast `body::jsonb` to query it).
-pub const POSTGRES: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const POSTGRES: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE releases (
     revision      BIGINT PRIMARY KEY,
     env           TEXT NOT NULL,
@@ -124,4 +135,15 @@ CREATE TABLE leases (
     expires_at TIMESTAMPTZ NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE revoked_tokens (
+    hash       TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    revoked_at TIMESTAMPTZ NOT NULL
+);
+"#,
+    ),
+];

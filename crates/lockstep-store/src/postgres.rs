@@ -926,6 +926,15 @@ impl Store for PgStore {
             tx.rollback().await?;
             return Ok(None);
         }
+        let revoked: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM revoked_tokens WHERE hash = $1")
+                .bind(&t.hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if revoked.is_some() {
+            tx.rollback().await?;
+            return Err(StoreError::Revoked(t.name));
+        }
         sqlx::query(
             "INSERT INTO tokens (name, role, hash, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, hash = excluded.hash",
@@ -966,18 +975,37 @@ impl Store for PgStore {
 
     async fn revoke_token(&self, name: &str, actor: &str) -> Result<Option<Event>, StoreError> {
         let mut tx = self.log_tx().await?;
-        let role: Option<String> =
-            sqlx::query_scalar("DELETE FROM tokens WHERE name = $1 RETURNING role")
+        let row: Option<(String, String)> =
+            sqlx::query_as("DELETE FROM tokens WHERE name = $1 RETURNING role, hash")
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let Some(role) = role else {
+        let Some((role, hash)) = row else {
             tx.rollback().await?;
             return Ok(None);
         };
-        let role = role
+        let role: lockstep_core::Role = role
             .parse()
             .map_err(|e: lockstep_core::CoreError| StoreError::Corrupt(e.to_string()))?;
+        // Under the log lock: two admins revoking each other at once cannot both succeed.
+        if role == lockstep_core::Role::Admin {
+            let admins: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE role = 'admin'")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if admins == 0 {
+                tx.rollback().await?;
+                return Err(StoreError::LastAdmin);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO revoked_tokens (hash, name, revoked_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(&hash)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
         let ev = insert_event(
             &mut tx,
             crate::token_event("token_revoked", name, role, actor),

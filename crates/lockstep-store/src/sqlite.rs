@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use lockstep_api::Event;
 use lockstep_core::{
-    Decision, HistoryEntry, Instance, RegistrationKind, Release, StoredRelease,
+    Decision, HistoryEntry, Instance, RegistrationKind, Release, Role, StoredRelease,
     decide_registration, rollback_target,
 };
 use sqlx::sqlite::{
@@ -530,6 +530,15 @@ impl Store for SqliteStore {
             tx.rollback().await?;
             return Ok(None);
         }
+        let revoked: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM revoked_tokens WHERE hash = ?")
+                .bind(&t.hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if revoked.is_some() {
+            tx.rollback().await?;
+            return Err(StoreError::Revoked(t.name));
+        }
         sqlx::query(
             "INSERT INTO tokens (name, role, hash, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, hash = excluded.hash",
@@ -571,18 +580,37 @@ impl Store for SqliteStore {
 
     async fn revoke_token(&self, name: &str, actor: &str) -> Result<Option<Event>, StoreError> {
         let mut tx = self.write_tx().await?;
-        let role: Option<String> =
-            sqlx::query_scalar("DELETE FROM tokens WHERE name = ? RETURNING role")
+        let row: Option<(String, String)> =
+            sqlx::query_as("DELETE FROM tokens WHERE name = ? RETURNING role, hash")
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let Some(role) = role else {
+        let Some((role, hash)) = row else {
             tx.rollback().await?;
             return Ok(None);
         };
-        let role = role
+        let role: Role = role
             .parse()
             .map_err(|e: lockstep_core::CoreError| StoreError::Corrupt(e.to_string()))?;
+        if role == Role::Admin {
+            let admins: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE role = 'admin'")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if admins == 0 {
+                tx.rollback().await?;
+                return Err(StoreError::LastAdmin);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO revoked_tokens (hash, name, revoked_at) VALUES (?, ?, ?) \
+             ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(&hash)
+        .bind(name)
+        .bind(fmt_time(OffsetDateTime::now_utc()))
+        .execute(&mut *tx)
+        .await?;
         let ev = insert_event(
             &mut tx,
             crate::token_event("token_revoked", name, role, actor),

@@ -56,7 +56,7 @@ pub enum RegistryError {
 /// Checks an instance id: 1–128 characters, no whitespace, control characters or `/`.
 pub fn check_instance_id(id: &str) -> Result<(), RegistryError> {
     if id.is_empty()
-        || id.len() > 128
+        || id.chars().count() > 128
         || id
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || c == '/')
@@ -117,14 +117,40 @@ impl RegistryService {
             None => None,
         };
         if let Some(t) = bootstrap {
-            store
+            let had_admin = store.tokens().await?.iter().any(|t| t.role == Role::Admin);
+            match store
                 .upsert_token(StoredToken {
                     name: BOOTSTRAP_TOKEN_NAME.into(),
                     role: Role::Admin,
                     hash: hex::encode(hash_token(&t)),
                     created_at: OffsetDateTime::now_utc(),
                 })
-                .await?;
+                .await
+            {
+                Ok(Some(_)) if !had_admin => {
+                    tracing::warn!(
+                        name = BOOTSTRAP_TOKEN_NAME,
+                        "admin access installed from the bootstrap token (LOCKSTEP_ADMIN_TOKEN)"
+                    );
+                }
+                Ok(Some(_)) => {
+                    tracing::info!(
+                        name = BOOTSTRAP_TOKEN_NAME,
+                        "bootstrap admin token installed"
+                    );
+                }
+                Ok(None) => {}
+                Err(StoreError::Revoked(_)) => {
+                    // A revoked secret must not come back by a restart. Recovery is a new
+                    // secret, which is logged when it is installed.
+                    tracing::warn!(
+                        "the bootstrap admin token (LOCKSTEP_ADMIN_TOKEN) was revoked and stays \
+                         revoked; to recover admin access, set LOCKSTEP_ADMIN_TOKEN to a new \
+                         secret and restart"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         let projection = Projection::load(store.as_ref()).await?;
         let leadership = Arc::new(Leadership::new(config.replica_id.clone()));

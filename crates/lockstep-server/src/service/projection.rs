@@ -90,6 +90,8 @@ pub struct Projection {
     changes: broadcast::Sender<Arc<Change>>,
     events: broadcast::Sender<Arc<Event>>,
     cursors: watch::Sender<Cursors>,
+    /// Bumped after every reload of the token set (streams re-check their token).
+    token_epoch: watch::Sender<u64>,
     /// Wakes the projector after a local write, without waiting for the store's feed.
     poke: Notify,
     sink: RwLock<Option<Arc<dyn InstanceSink>>>,
@@ -120,6 +122,7 @@ impl Projection {
                 instance_seq: 0,
             })
             .0,
+            token_epoch: watch::channel(0).0,
             poke: Notify::new(),
             sink: RwLock::new(None),
             changes_applied: AtomicU64::new(0),
@@ -162,6 +165,11 @@ impl Projection {
     /// Subscribes to the event log.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// Changes after every reload of the token set.
+    pub fn subscribe_tokens(&self) -> watch::Receiver<u64> {
+        self.token_epoch.subscribe()
     }
 
     /// How far the projection has applied the store.
@@ -228,11 +236,13 @@ impl Projection {
                     Principal {
                         name: t.name,
                         role: t.role,
+                        hash,
                     },
                 ));
             }
         }
         self.tokens.replace(entries);
+        self.token_epoch.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
@@ -459,5 +469,30 @@ pub async fn run_projector(
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_poisoned_release_map_reads_as_unavailable_never_as_no_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = lockstep_store::SqliteStore::open(dir.path())
+            .await
+            .expect("store");
+        let p = Projection::load(&store).await.expect("load");
+        let p2 = p.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = p2.releases.write();
+            panic!("poisoning the release map on purpose");
+        })
+        .join();
+        assert!(
+            p.expected("production", "api").is_err(),
+            "a failure must not read as \"no release\" (which makes workers serve)"
+        );
+        assert!(p.all_expected().is_err());
     }
 }
