@@ -393,3 +393,76 @@ fn docs_links_resolve_inside_the_repository() {
         problems.join("\n")
     );
 }
+
+fn lockstep_help(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("lockstep --help");
+    assert!(out.status.success(), "lockstep {args:?} --help failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The subcommand names listed under `Commands:` in a help text (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim_end() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// The long flags of a help text's `Options:` (without `--help` and `--version`).
+fn long_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim_end() != "Options:")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with(' '))
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .flat_map(|l| l.split([' ', ',']).filter(|w| w.starts_with("--")))
+        .map(str::to_string)
+        .filter(|f| f != "--help" && f != "--version")
+        .collect()
+}
+
+#[test]
+fn cli_reference_covers_every_subcommand_and_flag() {
+    let doc = read(&repo().join("docs/cli.md"));
+    let mut commands = Vec::new();
+    for c in subcommands(&lockstep_help(&[])) {
+        let nested = subcommands(&lockstep_help(&[&c]));
+        if nested.is_empty() {
+            commands.push(vec![c]);
+        } else {
+            commands.extend(nested.into_iter().map(|n| vec![c.clone(), n]));
+        }
+    }
+    assert!(commands.len() > 5, "found only {commands:?}");
+    let mut problems = Vec::new();
+    for cmd in &commands {
+        let name = cmd.join(" ");
+        let heading = format!("## `lockstep {name}`");
+        let Some(start) = doc.find(&heading) else {
+            problems.push(format!("no section {heading}"));
+            continue;
+        };
+        let body = &doc[start + heading.len()..];
+        let section = &body[..body.find("\n## ").unwrap_or(body.len())];
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        for flag in long_flags(&lockstep_help(&args)) {
+            if !section.contains(&format!("`{flag}")) {
+                problems.push(format!("{heading}: {flag} is not described"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/cli.md is behind `lockstep --help` (regenerate its flag tables):\n{}",
+        problems.join("\n")
+    );
+}
