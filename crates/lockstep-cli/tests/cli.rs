@@ -99,15 +99,6 @@ fn verify_exits_0_1_and_3_in_the_right_cases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = serve(dir.path());
     let run = |args: &[&str]| lockstep(&s.url, ADMIN_TOKEN, args);
-    // Empty fleet: failure unless allowed.
-    let o = run(&["verify", "--service", "api"]);
-    assert_eq!(code(&o), 1, "{}", text(&o));
-    assert!(text(&o).contains("[FAIL]"));
-    assert_eq!(
-        code(&run(&["verify", "--service", "api", "--allow-empty"])),
-        0
-    );
-
     let o = run(&[
         "register",
         "--service",
@@ -118,6 +109,14 @@ fn verify_exits_0_1_and_3_in_the_right_cases() {
         "abcdef1234567",
     ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
+    // A known service with an empty fleet: failure unless allowed.
+    let o = run(&["verify", "--service", "api"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("[FAIL]"));
+    assert_eq!(
+        code(&run(&["verify", "--service", "api", "--allow-empty"])),
+        0
+    );
     let client = s.client(ADMIN_TOKEN);
     let rt = rt();
     rt.block_on(client.heartbeat(&hb("w-1", "api", "11111111-aaaa-4bbb-8ccc-000000000001")))
@@ -664,8 +663,13 @@ fn tokens_are_managed_from_the_command_line() {
     let o = lockstep(&s.url, &secret, &["status"]);
     assert_eq!(
         code(&o),
-        1,
-        "a worker token may not read status: {}",
+        2,
+        "a worker token may not read status, a configuration error: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("viewer"),
+        "names the role needed: {}",
         text(&o)
     );
     assert_eq!(
