@@ -23,7 +23,7 @@ Examples:
 
 The first start prints a bootstrap admin token once (unless LOCKSTEP_ADMIN_TOKEN is set);
 create narrower tokens with `lockstep token create`. Every flag has an environment variable
-(shown below). A data directory serves one registry at a time: a second serve on it refuses
+(shown with each flag above). A data directory serves one registry at a time: a second serve on it refuses
 to start (exit 2); replicas share state with --store postgres://… instead.")]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port, printed as `listening on http://ADDR`.
