@@ -1,4 +1,5 @@
-//! Commands that change what is expected: `register`, `deploy`, `rollback`; and `detect`.
+//! Commands about releases: `register`, `deploy` and `rollback` change what is expected;
+//! `history` shows what was; `detect` reads a source tree.
 
 use anyhow::Context;
 use clap::Args;

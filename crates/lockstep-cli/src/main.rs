@@ -48,7 +48,8 @@ struct Cli {
         global = true,
         env = "LOCKSTEP_LOG_FORMAT",
         value_enum,
-        default_value_t
+        default_value_t,
+        display_order = 900
     )]
     log_format: LogFormat,
     #[command(subcommand)]
