@@ -433,8 +433,18 @@ fn long_flags(help: &str) -> Vec<String> {
 #[test]
 fn cli_reference_covers_every_subcommand_and_flag() {
     let doc = read(&repo().join("docs/cli.md"));
+    let top = lockstep_help(&[]);
+    // Global flags appear in every subcommand's help; the reference describes them once,
+    // before the first command's section.
+    let global = long_flags(&top);
+    let conventions = &doc[..doc.find("\n## `lockstep ").unwrap_or(doc.len())];
+    let mut problems: Vec<String> = global
+        .iter()
+        .filter(|f| !conventions.contains(&format!("`{f}")))
+        .map(|f| format!("the global flag {f} is not described before the commands"))
+        .collect();
     let mut commands = Vec::new();
-    for c in subcommands(&lockstep_help(&[])) {
+    for c in subcommands(&top) {
         let nested = subcommands(&lockstep_help(&[&c]));
         if nested.is_empty() {
             commands.push(vec![c]);
@@ -443,7 +453,6 @@ fn cli_reference_covers_every_subcommand_and_flag() {
         }
     }
     assert!(commands.len() > 5, "found only {commands:?}");
-    let mut problems = Vec::new();
     for cmd in &commands {
         let name = cmd.join(" ");
         let heading = format!("## `lockstep {name}`");
@@ -455,7 +464,7 @@ fn cli_reference_covers_every_subcommand_and_flag() {
         let section = &body[..body.find("\n## ").unwrap_or(body.len())];
         let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
         for flag in long_flags(&lockstep_help(&args)) {
-            if !section.contains(&format!("`{flag}")) {
+            if !global.contains(&flag) && !section.contains(&format!("`{flag}")) {
                 problems.push(format!("{heading}: {flag} is not described"));
             }
         }
@@ -464,5 +473,70 @@ fn cli_reference_covers_every_subcommand_and_flag() {
         problems.is_empty(),
         "docs/cli.md is behind `lockstep --help` (regenerate its flag tables):\n{}",
         problems.join("\n")
+    );
+}
+
+/// `GET path` over a plain socket; the body of the answer.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to serve");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
+#[test]
+fn api_guide_covers_every_endpoint() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("LOCKSTEP_ADMIN_TOKEN", "lst_api_guide_test")
+        .env_remove("LOCKSTEP_STORE")
+        .env_remove("LOCKSTEP_REDIS_MIRROR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("lockstep serve");
+    let mut stdout = std::io::BufReader::new(serve.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("first line");
+    // Keep reading: serve stops when it cannot write the rest of its banner.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    let spec = http_get(&addr, "/openapi.json");
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let spec: serde_json::Value = serde_json::from_str(&spec).expect("openapi.json is JSON");
+    let paths = spec["paths"].as_object().expect("paths");
+    assert!(paths.len() > 5, "only {} paths", paths.len());
+    let guide = read(&repo().join("docs/api.md"));
+    let missing: Vec<String> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            let methods: Vec<String> = item
+                .as_object()
+                .map(|o| o.keys().map(|m| m.to_uppercase()).collect())
+                .unwrap_or_default();
+            methods.into_iter().map(move |m| format!("{m} {path}"))
+        })
+        .filter(|endpoint| !guide.contains(&format!("`{endpoint}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/api.md does not describe: {missing:?}"
     );
 }
