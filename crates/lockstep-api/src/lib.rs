@@ -257,6 +257,35 @@ pub struct RegistryInfo {
     pub backend: String,
 }
 
+/// `GET /v1/services`: the services that have an expected release, per environment.
+/// Names only, so a worker token may read it (a startup guard tells a misspelled
+/// `--service` from a new one with it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceIndex {
+    /// Environments, by name.
+    pub environments: Vec<EnvServices>,
+}
+
+/// One environment of a [`ServiceIndex`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EnvServices {
+    /// Environment name.
+    pub name: String,
+    /// Services with an expected release there, by name.
+    pub services: Vec<String>,
+}
+
+impl ServiceIndex {
+    /// The services registered in `env` (empty when the environment is unknown).
+    pub fn services_in(&self, env: &str) -> Vec<&str> {
+        self.environments
+            .iter()
+            .filter(|e| e.name == env)
+            .flat_map(|e| e.services.iter().map(String::as_str))
+            .collect()
+    }
+}
+
 /// History of a service, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseHistory {

@@ -38,7 +38,10 @@ pub fn identity(dir: &Path) -> Identity {
         git_sha: env("LOCKSTEP_GIT_SHA")
             .or_else(|| detected.as_ref().map(|d| d.git_sha.clone()))
             .unwrap_or_else(|| lockstep_core::detect::UNKNOWN.to_string()),
+        // Whole seconds: what a person reads in `--version` and in status tables.
         build_date: OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc())
             .format(&Rfc3339)
             .unwrap_or_default(),
         version: env("LOCKSTEP_VERSION")

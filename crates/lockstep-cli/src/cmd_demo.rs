@@ -1,109 +1,109 @@
-//! `lockstep demo`: a self-contained walk-through in under 30 seconds — a registry on a
-//! temporary SQLite store, three `axum-worker`s, a deploy that leaves one worker behind,
-//! that worker refusing requests with 503 and showing as `[STALE]`, and its recovery.
-//! Everything it starts, it stops; the temporary store is removed.
+//! `lockstep demo`: a self-contained walk-through in a few seconds — a registry on a
+//! temporary SQLite store, three HTTP workers, a deploy that leaves one worker behind, that
+//! worker refusing requests with 503 and showing as `[STALE]`, and its recovery.
+//!
+//! Everything runs inside this one process: the workers are the same stack a Rust worker
+//! links (`Watcher`, `HeartbeatTask`, `VersionCheckLayer` on axum), each on its own
+//! loopback port, so a `cargo install`ed `lockstep` needs nothing beside it. What the demo
+//! needs (a temporary directory, a loopback port) is checked before the first step is
+//! printed. Everything it starts, it stops; the temporary store is removed.
 
 use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
 use clap::Args;
 use lockstep_api::PutRelease;
-use lockstep_client::RegistryClient;
+use lockstep_client::{HeartbeatTask, RegistryClient, VersionCheckLayer, Watcher, WatcherConfig};
 use lockstep_core::{Release, Role, short_id};
 use lockstep_server::{Config, Registry};
 use lockstep_store::SqliteStore;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::cmd_fleet::print_verdict_lines;
 use crate::exit::{self, fail};
 
 const SERVICE: &str = "demo-api";
+const ENV: &str = "development";
 
 /// `lockstep demo`.
 #[derive(Args)]
 #[command(after_help = "\
-Needs the example workers built next to lockstep (cargo build --workspace).
+Needs nothing but this binary: the registry and the three workers run inside it, on loopback
+ports, with a temporary store that is removed afterwards.
 
 Example:
-  cargo build --workspace && target/debug/lockstep demo")]
+  lockstep demo")]
 pub struct DemoArgs {}
 
+/// An HTTP worker running inside the demo: served by axum behind `VersionCheckLayer`,
+/// heartbeating and watching like any linked worker.
 struct Worker {
     name: &'static str,
     url: String,
-    child: Child,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+    beats: Option<HeartbeatTask>,
 }
 
 fn step(n: u32, text: &str) {
     println!("\n{n}. {text}");
 }
 
-fn worker_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(format!("axum-worker{}", std::env::consts::EXE_SUFFIX));
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(fail(
-            exit::USAGE,
-            format!(
-                "{} not found: build the examples first (cargo build --workspace)",
-                path.display()
-            ),
-        ))
-    }
-}
-
 async fn start_worker(
-    bin: &PathBuf,
     name: &'static str,
     registry: &str,
     token: &str,
     version_id: &str,
 ) -> anyhow::Result<Worker> {
-    let mut child = Command::new(bin)
-        .env("LOCKSTEP_REGISTRY", registry)
-        .env("LOCKSTEP_TOKEN", token)
-        .env("LOCKSTEP_SERVICE", SERVICE)
-        .env("LOCKSTEP_ENV", "development")
-        .env("LOCKSTEP_VERSION_ID", version_id)
-        .env("HOSTNAME", name)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let out = child.stdout.take().context("worker stdout")?;
-    let mut first = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        BufReader::new(out).read_line(&mut first),
-    )
-    .await
-    .context("the worker did not start within 10 s")??;
-    let url = first
-        .trim()
-        .strip_prefix("listening on ")
-        .context("unexpected worker output")?
-        .to_string();
+    let mut cfg = WatcherConfig::new(registry, SERVICE, version_id);
+    cfg.token = Some(token.to_string());
+    cfg.env = ENV.to_string();
+    let watcher = Watcher::start(cfg.clone())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port for a worker")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let mut hb = lockstep_client::heartbeat_for(&cfg, None, std::process::id(), Some(url.clone()));
+    // Unique per start, named for the worker: a restarted worker is a new instance.
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    hb.instance_id = format!("{name}-{}", &suffix[..4]);
+    hb.health = Some("ok".into());
+    let beats = HeartbeatTask::spawn(
+        RegistryClient::new(registry, Some(token.to_string()))?,
+        hb,
+        Some(watcher.clone()),
+    );
+    let app = Router::new()
+        .route("/", get(|| async { "hello from a lockstep worker\n" }))
+        .layer(VersionCheckLayer::new(watcher));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
     println!("   {name} on {url} runs {}", short_id(version_id));
-    Ok(Worker { name, url, child })
+    Ok(Worker {
+        name,
+        url,
+        stop: Some(tx),
+        server,
+        beats: Some(beats),
+    })
 }
 
+/// Stops serving and deregisters, as a worker does on SIGTERM.
 async fn stop(w: &mut Worker) {
-    // SIGTERM lets it deregister; kill_on_drop is the backstop.
-    if let Some(pid) = w.child.id() {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
+    if let Some(tx) = w.stop.take() {
+        let _ = tx.send(());
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), w.child.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut w.server).await;
+    if let Some(b) = w.beats.take() {
+        b.shutdown().await;
+    }
 }
 
 async fn hit(http: &reqwest::Client, w: &Worker) -> anyhow::Result<()> {
@@ -166,7 +166,7 @@ async fn register(client: &RegistryClient, id: &str, version: &str) -> anyhow::R
     release.version = Some(version.to_string());
     let r = client
         .put_release(
-            "development",
+            ENV,
             SERVICE,
             &PutRelease {
                 release,
@@ -184,7 +184,6 @@ async fn register(client: &RegistryClient, id: &str, version: &str) -> anyhow::R
 
 async fn walkthrough(registry_url: &str, admin: &str) -> anyhow::Result<()> {
     let started = Instant::now();
-    let bin = worker_binary()?;
     let client = RegistryClient::new(registry_url, Some(admin.to_string()))?;
     let worker_token = client
         .create_token("demo-workers", Role::Worker)
@@ -198,7 +197,7 @@ async fn walkthrough(registry_url: &str, admin: &str) -> anyhow::Result<()> {
     register(&client, &v1, "v1").await?;
     let mut workers = Vec::new();
     for name in ["worker-a", "worker-b", "worker-c"] {
-        workers.push(start_worker(&bin, name, registry_url, &worker_token, &v1).await?);
+        workers.push(start_worker(name, registry_url, &worker_token, &v1).await?);
     }
     until_fleet(&client, 3, &v1, true).await?;
     for w in &workers {
@@ -215,7 +214,7 @@ async fn walkthrough(registry_url: &str, admin: &str) -> anyhow::Result<()> {
     let c = workers.pop().context("three workers")?;
     let mut fresh = Vec::new();
     for name in ["worker-a", "worker-b"] {
-        fresh.push(start_worker(&bin, name, registry_url, &worker_token, &v2).await?);
+        fresh.push(start_worker(name, registry_url, &worker_token, &v2).await?);
     }
     let t = Instant::now();
     register(&client, &v2, "v2").await?;
@@ -255,7 +254,7 @@ async fn walkthrough(registry_url: &str, admin: &str) -> anyhow::Result<()> {
     step(5, "Recover: worker-c restarts on v2");
     let mut c = workers.pop().context("worker-c")?;
     stop(&mut c).await;
-    workers.push(start_worker(&bin, "worker-c", registry_url, &worker_token, &v2).await?);
+    workers.push(start_worker("worker-c", registry_url, &worker_token, &v2).await?);
     until_fleet(&client, 0, &v2, false).await?;
     until_fleet(&client, 3, &v2, true).await?;
     for w in &workers {
@@ -272,16 +271,29 @@ async fn walkthrough(registry_url: &str, admin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the demo.
+/// Runs the demo. What it needs is acquired before the first step is printed, so a
+/// machine that cannot run it says why up front.
 pub async fn run(_a: DemoArgs) -> anyhow::Result<u8> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(dir.path()).await?;
+    let dir = tempfile::tempdir().map_err(|e| {
+        fail(
+            exit::USAGE,
+            format!("the demo needs a temporary directory (set TMPDIR to a writable one): {e}"),
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| fail(exit::USAGE, format!("the demo needs a loopback port: {e}")))?;
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| fail(exit::USAGE, format!("the demo needs loopback ports: {e}")))?;
+    let store = SqliteStore::open(dir.path())
+        .await
+        .context("opening the demo's temporary store")?;
     let registry = Registry::open(Arc::new(store), Config::default(), None).await?;
     let admin = registry
         .generated_admin_token
         .clone()
         .context("a fresh store gets a token")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(registry.serve(listener, async {

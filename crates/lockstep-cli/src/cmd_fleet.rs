@@ -1,7 +1,10 @@
-//! Commands that read the fleet: `status` and `verify`.
+//! Commands that read the fleet — `status` and `verify` — and `forget`, which removes
+//! instances that will not come back. A scope that names nothing the registry knows is an
+//! error naming the known ones (`lockstep_client::fleet`).
 
 use clap::Args;
 use lockstep_api::{InstanceStatus, StatusReport};
+use lockstep_client::fleet::{self, FleetError};
 use lockstep_client::verify::{self, Conclusion, Line, Rules};
 use lockstep_core::{format_secs, short_id};
 use serde::Serialize;
@@ -13,12 +16,21 @@ use crate::{Output, RegistryArgs};
 /// Which part of the fleet.
 #[derive(Args, Clone, Debug)]
 pub struct Scope {
-    /// Only this environment (default: all).
+    /// Only this environment (default: all). An unknown one exits 1 naming the known ones.
     #[arg(long, env = "LOCKSTEP_ENV")]
     env: Option<String>,
-    /// Only this service (default: all).
-    #[arg(long)]
+    /// Only this service (default: all). An unknown one exits 1 naming the known ones.
+    #[arg(long, env = "LOCKSTEP_SERVICE")]
     service: Option<String>,
+}
+
+/// A scoped read's error: an unknown scope is a failed check (exit 1), said plainly; a
+/// registry error keeps its own exit code.
+pub(crate) fn fleet_error(e: FleetError) -> anyhow::Error {
+    match e {
+        FleetError::Client(c) => c.into(),
+        FleetError::Unknown(u) => fail(exit::FAILED, u.to_string()),
+    }
 }
 
 /// `lockstep status`.
@@ -26,18 +38,21 @@ pub struct Scope {
 #[command(after_help = "\
 Examples:
   lockstep status
-  lockstep status --service api --output json | jq '.environments[].services[].counts'")]
+  lockstep status --service api -o json | jq '.environments[].services[].counts'
+
+Needs a viewer token. An unknown --service or --env exits 1 naming the known ones.")]
 pub struct StatusArgs {
     #[command(flatten)]
     scope: Scope,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
-fn ts(t: Option<time::OffsetDateTime>) -> String {
+/// An RFC 3339 time in whole seconds, or `-`.
+pub(crate) fn ts(t: Option<time::OffsetDateTime>) -> String {
     // Whole seconds: sub-second digits only make the table wider.
     t.and_then(|t| t.replace_nanosecond(0).ok())
         .and_then(|t| t.format(&Rfc3339).ok())
@@ -47,9 +62,9 @@ fn ts(t: Option<time::OffsetDateTime>) -> String {
 /// Prints the fleet.
 pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
     let client = a.registry.client()?;
-    let report = client
-        .status(a.scope.env.as_deref(), a.scope.service.as_deref())
-        .await?;
+    let report = fleet::status_of(&client, a.scope.env.as_deref(), a.scope.service.as_deref())
+        .await
+        .map_err(fleet_error)?;
     if a.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(exit::OK);
@@ -122,8 +137,9 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-fn print_table(rows: &[[String; 8]]) {
-    let mut widths = [0usize; 8];
+/// Prints rows as aligned columns (the first row is the header).
+pub(crate) fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -143,12 +159,15 @@ fn print_table(rows: &[[String; 8]]) {
 #[derive(Args)]
 #[command(after_help = "\
 Prints [OK], [STALE] or [MISSING] per instance, then [OK] or [FAIL]. Exit 0 only when every
-instance is current; 1 when any is not or when there is no instance at all (unless
---allow-empty); 3 when the registry cannot be reached.
+instance is current; 1 when any is not, when there is no instance at all (unless
+--allow-empty), or when --service / --env names nothing the registry knows (never excused by
+--allow-empty: a typo must not pass CI); 2 for a missing or too weak token; 3 when the
+registry cannot be reached.
 
 Examples:
   lockstep verify --service extractor
-  lockstep verify --service extractor --expect $(git rev-parse HEAD)")]
+  lockstep verify --service extractor --expect \"$(git rev-parse HEAD)\"
+  LOCKSTEP_SERVICE=extractor lockstep verify -o json")]
 pub struct VerifyArgs {
     #[command(flatten)]
     scope: Scope,
@@ -156,13 +175,13 @@ pub struct VerifyArgs {
     /// expected release; a prefix of at least 7 characters matches.
     #[arg(long)]
     expect: Option<String>,
-    /// Succeed when there is no instance at all.
+    /// Succeed when a known service has no instance at all (an unknown one still fails).
     #[arg(long)]
     allow_empty: bool,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
@@ -215,9 +234,10 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
         return Err(fail(exit::USAGE, "--expect needs a SHA or version id"));
     }
     let client = a.registry.client()?;
-    let report: StatusReport = client
-        .status(a.scope.env.as_deref(), a.scope.service.as_deref())
-        .await?;
+    let report: StatusReport =
+        fleet::status_of(&client, a.scope.env.as_deref(), a.scope.service.as_deref())
+            .await
+            .map_err(fleet_error)?;
     let rules = Rules {
         expect: a.expect.as_deref(),
         allow_empty: a.allow_empty,
@@ -250,4 +270,83 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(if v.ok() { exit::OK } else { exit::FAILED })
+}
+
+/// `lockstep forget`.
+#[derive(Args)]
+#[command(after_help = "\
+An instance that stopped without deregistering (killed, its host gone) shows as [MISSING] and
+fails `verify` until the registry forgets it (after --instance-retention, 24h by default).
+Forget it now by id, or every missing instance of a scope with --missing. An instance that is
+still running reappears with its next heartbeat.
+
+Examples:
+  lockstep forget api-7f9c-host3-12345
+  lockstep forget --missing --service api
+  lockstep forget --missing --env staging -o json
+
+Any valid token may forget an instance (workers deregister themselves the same way).")]
+pub struct ForgetArgs {
+    /// Instance ids, as `lockstep status` shows them.
+    #[arg(value_name = "INSTANCE_ID", required_unless_present = "missing")]
+    ids: Vec<String>,
+    /// Forget every missing instance (no heartbeat within its TTL) in --env / --service.
+    #[arg(long)]
+    missing: bool,
+    #[command(flatten)]
+    scope: Scope,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// Forgets instances.
+pub async fn forget(a: ForgetArgs) -> anyhow::Result<u8> {
+    let client = a.registry.client()?;
+    let mut ids = a.ids.clone();
+    if a.missing {
+        let report = fleet::status_of(&client, a.scope.env.as_deref(), a.scope.service.as_deref())
+            .await
+            .map_err(fleet_error)?;
+        ids.extend(
+            fleet::missing_instances(&report)
+                .into_iter()
+                .map(|i| i.instance_id.clone()),
+        );
+    }
+    let mut forgotten = Vec::new();
+    let mut unknown = Vec::new();
+    for id in &ids {
+        match client.deregister(id).await {
+            Ok(()) => forgotten.push(id.clone()),
+            Err(e) if e.code() == Some(lockstep_api::codes::NOT_FOUND) => unknown.push(id.clone()),
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!("forgetting {id}")));
+            }
+        }
+    }
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "forgotten": forgotten, "unknown": unknown })
+        ),
+        Output::Text => {
+            for id in &forgotten {
+                println!("forgot {id}");
+            }
+            for id in &unknown {
+                eprintln!("no instance {id:?} is registered");
+            }
+            if ids.is_empty() {
+                println!("no missing instance to forget");
+            }
+        }
+    }
+    Ok(if unknown.is_empty() {
+        exit::OK
+    } else {
+        exit::FAILED
+    })
 }

@@ -3,7 +3,9 @@
 //!
 //! It runs the startup guards against the environment (`GIT_SHA`, `EXPECTED_GIT_SHA`,
 //! `LOCKSTEP_EXPECTED_VERSION`, and with `--service` the registry's expected release),
-//! refusing with exit 78 before CMD starts; then runs CMD with stdio passed through,
+//! refusing with exit 78 before CMD starts when the environment is production — named by
+//! `--env production` or by `LOCKSTEP_ENV`/`APP_ENV`/`NODE_ENV` (the rules are
+//! `lockstep_client::guard`'s); then runs CMD with stdio passed through,
 //! heartbeats on its behalf, forwards SIGTERM/SIGINT to it, and when the expected release
 //! moves away from CMD's version either stops it (SIGTERM, `--grace`, SIGKILL; exit 1, so
 //! the supervisor starts the new release) or only reports (`--on-stale=warn`).
@@ -34,22 +36,34 @@ pub enum OnStale {
 /// `lockstep guard`.
 #[derive(Args)]
 #[command(after_help = "\
-The child's release is --version-id, else $LOCKSTEP_VERSION_ID, else $GIT_SHA.
-In production (LOCKSTEP_ENV, APP_ENV or NODE_ENV = production) the guard refuses (exit 78)
-when GIT_SHA is unknown or differs from EXPECTED_GIT_SHA / LOCKSTEP_EXPECTED_VERSION, or,
-with --service, when the registry expects another release; in development it only warns.
+CMD's release is --version-id, else $LOCKSTEP_VERSION_ID, else $GIT_SHA; with none of them it
+is unknown.
+
+Production means an environment named production: --env production, or LOCKSTEP_ENV, APP_ENV or
+NODE_ENV set to production. There the guard refuses (exit 78, CMD never starts) when
+  - the release is unknown (no GIT_SHA, no --version-id),
+  - GIT_SHA differs from EXPECTED_GIT_SHA, or the release from LOCKSTEP_EXPECTED_VERSION,
+  - with --service: the registry expects another release, refuses the token, is not a lockstep
+    registry, or has no release for the service while it knows others (a misspelled --service).
+Nothing set anywhere counts as development: the same findings only warn and CMD starts (the
+registry scope and heartbeats still use the default environment, production). A registry that
+cannot be reached never blocks CMD: the guard fails open, like the watcher.
+
+Exit codes: CMD's own; 1 when CMD was stopped because it became stale; 78 refused; 127 CMD not
+found; 126 CMD not executable; 2 usage.
 
 Examples:
-  GIT_SHA=$(git rev-parse HEAD) EXPECTED_GIT_SHA=$DEPLOYED lockstep guard -- python worker.py
-  lockstep guard --service extractor --version-id $LOCKSTEP_VERSION_ID --grace 30s -- node worker.js
+  GIT_SHA=$(git rev-parse HEAD) EXPECTED_GIT_SHA=$DEPLOYED_SHA lockstep guard --env production -- python3 worker.py
+  lockstep guard --env production --service extractor --version-id \"$LOCKSTEP_VERSION_ID\" --grace 30s -- node worker.js
   lockstep guard --service api --on-stale warn -- ./legacy-worker")]
 pub struct GuardArgs {
     /// The service CMD belongs to; enables the registry check, heartbeats and the watch.
     #[arg(long, env = "LOCKSTEP_SERVICE")]
     service: Option<String>,
-    /// Environment.
-    #[arg(long, env = "LOCKSTEP_ENV", default_value = "production")]
-    env: String,
+    /// Environment of the registry check and heartbeats [default: production]. Naming
+    /// production here (or in LOCKSTEP_ENV) makes the startup guards refuse instead of warn.
+    #[arg(long, env = "LOCKSTEP_ENV", value_name = "NAME")]
+    env: Option<String>,
     /// The release CMD runs (default: $LOCKSTEP_VERSION_ID, else $GIT_SHA).
     #[arg(long)]
     version_id: Option<String>,
@@ -75,42 +89,57 @@ fn env(k: &str) -> Option<String> {
 
 /// Runs the guard and supervises CMD.
 pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
-    let version_id = a
+    let claimed = a
         .version_id
         .clone()
-        .or_else(|| env("LOCKSTEP_VERSION_ID"))
-        .or_else(|| env("GIT_SHA"))
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| env("LOCKSTEP_VERSION_ID"));
+    let git_sha = env("GIT_SHA");
+    let version_id = claimed
+        .clone()
+        .or_else(|| git_sha.clone())
         .unwrap_or_else(|| lockstep_core::detect::UNKNOWN.to_string());
+    let scope_env = a
+        .env
+        .clone()
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| lockstep_core::DEFAULT_ENV.to_string());
+    let why = guard::production_reason(a.env.as_deref());
     let facts = Facts {
-        production: guard::is_production(),
+        production: why.is_some(),
         // A wrapped program's build profile is not knowable from outside.
         debug_build: false,
         cargo_run: false,
-        git_sha: env("GIT_SHA").unwrap_or_else(|| lockstep_core::detect::UNKNOWN.to_string()),
-        version_id: Some(version_id.clone()),
+        git_sha: git_sha
+            .clone()
+            .unwrap_or_else(|| lockstep_core::detect::UNKNOWN.to_string()),
+        version_id: claimed,
         expected_git_sha: env("EXPECTED_GIT_SHA"),
         expected_version: env("LOCKSTEP_EXPECTED_VERSION"),
+        wrapped: true,
     };
-    if !guard::report(&guard::evaluate(&facts)) {
+    if !guard::report_with(&guard::evaluate(&facts), why.as_deref()) {
         return Ok(guard::EXIT_REFUSED as u8);
     }
     let registration = match &a.service {
         Some(svc) => {
             lockstep_core::validate_name("service", svc)
                 .map_err(|e| fail(exit::USAGE, e.to_string()))?;
+            lockstep_core::validate_name("environment", &scope_env)
+                .map_err(|e| fail(exit::USAGE, e.to_string()))?;
             let client = a.registry.client()?;
-            let v =
-                guard::check_registry(&client, &a.env, svc, &version_id, facts.production).await;
-            if !guard::report(&v) {
+            let v = guard::check_registry(&client, &scope_env, svc, &version_id, facts.production)
+                .await;
+            if !guard::report_with(&v, why.as_deref()) {
                 return Ok(guard::EXIT_REFUSED as u8);
             }
             let mut watcher = WatcherConfig::new(&a.registry.registry, svc, &version_id);
             watcher.token = a.registry.token.clone();
-            watcher.env = a.env.clone();
+            watcher.env = scope_env.clone();
             Some(Registration {
                 watcher,
                 client,
-                git_sha: env("GIT_SHA"),
+                git_sha,
             })
         }
         None => None,
@@ -128,9 +157,15 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
     })
     .await
     .map_err(|e| match e {
-        SuperviseError::NoCommand => fail(exit::USAGE, "no command given"),
+        SuperviseError::NoCommand => fail(exit::USAGE, "no command given after --"),
         SuperviseError::Spawn { program, source } => {
-            fail(exit::USAGE, format!("cannot start {program:?}: {source}"))
+            let code = supervise::spawn_exit_code(&source);
+            let what = if code == 127 {
+                "not found (check the path, or that it is on PATH)".to_string()
+            } else {
+                format!("cannot be executed ({source}; is it executable?)")
+            };
+            fail(code, format!("{program}: {what}"))
         }
         SuperviseError::Registry(e) => e.into(),
         SuperviseError::Io(e) => e.into(),

@@ -1,11 +1,14 @@
-//! Commands that change what is expected: `register`, `deploy`, `rollback`; and `detect`.
+//! Commands about releases: `register`, `deploy` and `rollback` change what is expected;
+//! `history` shows what was; `detect` reads a source tree.
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_api::{PutRelease, RollbackRequest};
 use lockstep_client::RegistryClient;
-use lockstep_client::deploy::{self, CommandError, Deployment, Retry, WaitOutcome};
+use lockstep_client::deploy::{
+    self, CommandError, Deployment, PrecheckError, Retry, Wait, WaitOutcome,
+};
 use lockstep_core::{Release, StoredRelease, parse_duration, short_id};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,16 +33,23 @@ pub struct ServiceArgs {
     pub service: String,
 }
 
-/// What describes a release besides its id.
+/// What describes a release besides its id. Nothing is guessed: the version, SHA and
+/// components come from flags, or from a source tree with `--detect`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ReleaseFields {
-    /// Human label, e.g. v1.4.0 (default: detected from the current directory).
+    /// Human label, e.g. v1.4.0. A lower semantic version than the expected release's is
+    /// refused as a downgrade unless --force.
     #[arg(long)]
     version: Option<String>,
-    /// Commit SHA (default: detected from the current directory's git).
+    /// Commit SHA the release was built from.
     #[arg(long)]
     git_sha: Option<String>,
-    /// Build date, RFC 3339 (default: now); an older build than the expected one is refused.
+    /// Fill --version, --git-sha and components that were not given from a source tree
+    /// (VERSION file → git tag → dev-<sha7>, as `lockstep detect` prints them).
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = ".")]
+    detect: Option<PathBuf>,
+    /// Build date, RFC 3339. Compared with the expected release's when the versions do
+    /// not tell which is newer: an older build is refused unless --force.
     #[arg(long, value_parser = parse_time)]
     build_date: Option<OffsetDateTime>,
     /// Why (recorded in the event log).
@@ -54,7 +64,7 @@ pub struct ReleaseFields {
     /// Mark the release as not rollback-safe (it ran a migration older releases cannot read).
     #[arg(long)]
     not_rollback_safe: bool,
-    /// Register even if it is older than the expected release.
+    /// Register even if it is older than the expected release (a deliberate downgrade).
     #[arg(long)]
     force: bool,
 }
@@ -72,8 +82,26 @@ fn parse_component(s: &str) -> Result<(String, String), String> {
 }
 
 impl ReleaseFields {
-    fn into_put(self, version_id: String, deployed_at: Option<OffsetDateTime>) -> PutRelease {
-        let detected = lockstep_core::detect::detect(std::path::Path::new(".")).ok();
+    fn into_put(
+        self,
+        version_id: String,
+        deployed_at: Option<OffsetDateTime>,
+    ) -> anyhow::Result<PutRelease> {
+        let detected = match &self.detect {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    return Err(fail(
+                        exit::USAGE,
+                        format!("--detect {}: not a directory", dir.display()),
+                    ));
+                }
+                Some(
+                    lockstep_core::detect::detect(dir)
+                        .map_err(|e| fail(exit::USAGE, format!("--detect: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let mut components: BTreeMap<String, String> = detected
             .as_ref()
             .map(|d| d.components.clone())
@@ -87,18 +115,18 @@ impl ReleaseFields {
             detected
                 .as_ref()
                 .map(|d| d.git_sha.clone())
-                .filter(|s| s != "unknown")
+                .filter(|s| s != lockstep_core::detect::UNKNOWN)
         });
-        release.build_date = Some(self.build_date.unwrap_or_else(OffsetDateTime::now_utc));
+        release.build_date = self.build_date;
         release.deployed_at = deployed_at;
         release.components = components;
         release.accepts = self.accepts;
         release.rollback_safe = !self.not_rollback_safe;
         release.reason = self.reason;
-        PutRelease {
+        Ok(PutRelease {
             release,
             force: self.force,
-        }
+        })
     }
 }
 
@@ -122,9 +150,12 @@ fn print_release(output: Output, verb: &str, r: &StoredRelease) -> anyhow::Resul
 #[command(after_help = "\
 Examples:
   lockstep register --service api --version-id 3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f --version v1.4.0
-  lockstep register --service api --version-id $GIT_SHA --reason 'hotfix' --force
+  lockstep register --service api --version-id \"$(git rev-parse HEAD)\" --detect
+  lockstep register --service api --version-id \"$GIT_SHA\" --version v0.9.0 --reason 'back out v1.0' --force
 
-Registering the release that is already expected is idempotent (same revision).
+Registering the release that is already expected is idempotent (same revision). A release older
+than the expected one (a lower semantic --version, else an earlier --build-date) is refused
+(exit 1) unless --force. Nothing is read from the current directory unless --detect says so.
 Needs a deployer token (--token or LOCKSTEP_TOKEN).")]
 pub struct RegisterArgs {
     #[command(flatten)]
@@ -137,14 +168,14 @@ pub struct RegisterArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
 /// Registers a release.
 pub async fn register(a: RegisterArgs) -> anyhow::Result<u8> {
     let client = a.registry.client()?;
-    let put = a.fields.into_put(a.version_id, None);
+    let put = a.fields.into_put(a.version_id, None)?;
     let stored = client
         .put_release(&a.svc.env, &a.svc.service, &put)
         .await
@@ -156,9 +187,15 @@ pub async fn register(a: RegisterArgs) -> anyhow::Result<u8> {
 /// `lockstep deploy`.
 #[derive(Args)]
 #[command(after_help = "\
-The deploy command runs with LOCKSTEP_VERSION_ID and CODE_VERSION_UUID (the new UUID v4) and
-DEPLOY_TIME_UTC (RFC 3339) in its environment; bake them into what you ship. The release is
-registered only after the command succeeded; the new version id is the last line of stdout.
+The deploy command runs with LOCKSTEP_VERSION_ID and CODE_VERSION_UUID (the new UUID v4),
+DEPLOY_TIME_UTC (RFC 3339), LOCKSTEP_SERVICE and LOCKSTEP_ENV in its environment; bake them into
+what you ship. The release is registered only after the command succeeded (its build date is the
+deploy time); the new version id is the last line of stdout. A release the registry would refuse
+(a lower semantic --version) is refused before the command runs.
+
+--wait waits until every live instance reports the new release (exit 1 on --timeout, rolled back
+with --rollback-on-timeout). When no instance of the service reports at all, there is nothing to
+wait for: it says so within a second and exits 1, without rolling back.
 
 Examples:
   lockstep deploy --service api -- ./deploy.sh
@@ -186,7 +223,7 @@ pub struct DeployArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format of the final result.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
     /// The deploy command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -223,7 +260,15 @@ async fn run_deploy_command(
     result.map_err(|e| match e {
         CommandError::NoCommand => fail(exit::USAGE, "no deploy command given"),
         CommandError::Spawn { program, source } => {
-            fail(exit::USAGE, format!("cannot run {program:?}: {source}"))
+            let why = if source.kind() == std::io::ErrorKind::NotFound {
+                "not found (check the path; it runs from the current directory)".to_string()
+            } else {
+                format!("cannot be executed ({source}; is it executable?)")
+            };
+            fail(
+                exit::USAGE,
+                format!("deploy command {program}: {why}; nothing was registered"),
+            )
         }
         CommandError::Failed { attempts, .. } => fail(
             exit::FAILED,
@@ -246,6 +291,18 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
     let client = a.registry.client()?;
     let version_id = uuid::Uuid::new_v4().to_string();
     let now = OffsetDateTime::now_utc();
+    let mut put = a.fields.clone().into_put(version_id.clone(), Some(now))?;
+    put.release.build_date = put.release.build_date.or(Some(now));
+    deploy::precheck(&client, &a.svc.env, &a.svc.service, &put.release, put.force)
+        .await
+        .map_err(|e| match e {
+            PrecheckError::Client(e) => {
+                anyhow::Error::from(e).context("reading the expected release")
+            }
+            PrecheckError::Refused(e) => {
+                fail(exit::FAILED, format!("{e}; the deploy command did not run"))
+            }
+        })?;
     eprintln!(
         "deploying {} {} (version id {})",
         a.svc.env,
@@ -253,8 +310,6 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
         short_id(&version_id)
     );
     run_deploy_command(&a, &version_id, now).await?;
-    let mut put = a.fields.clone().into_put(version_id.clone(), Some(now));
-    put.release.build_date = put.release.build_date.or(Some(now));
     let stored = client
         .put_release(&a.svc.env, &a.svc.service, &put)
         .await
@@ -269,6 +324,21 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
         match wait_for_fleet(&client, &a.svc, &version_id, a.timeout).await? {
             WaitOutcome::AllCurrent { .. } => {
                 eprintln!("every live instance runs {}", short_id(&version_id))
+            }
+            WaitOutcome::NoInstances { missing } => {
+                code = exit::FAILED;
+                let dead = if missing > 0 {
+                    format!(" ({missing} known instance(s) stopped heartbeating)")
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "no live instance of {} in {} reports to the registry{dead}, so there is \
+                     nothing to wait for. The release is registered and stays expected (not \
+                     rolled back); start workers with LOCKSTEP_SERVICE={} LOCKSTEP_ENV={} \
+                     (or `lockstep guard --service {}`), or deploy without --wait.",
+                    a.svc.service, a.svc.env, a.svc.service, a.svc.env, a.svc.service
+                );
             }
             WaitOutcome::TimedOut { .. } => {
                 code = exit::FAILED;
@@ -301,15 +371,19 @@ pub async fn deploy(a: DeployArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// [`deploy::wait_for_fleet`] behind a progress bar; on a timeout, names the instances
-/// still on another release.
+/// [`deploy::wait_for_fleet`] behind a progress bar (on a terminal only); on a timeout,
+/// names the instances still on another release.
 async fn wait_for_fleet(
     client: &RegistryClient,
     svc: &ServiceArgs,
     version_id: &str,
     timeout: Duration,
 ) -> anyhow::Result<WaitOutcome> {
-    let bar = ProgressBar::new(0);
+    let bar = if crate::colour() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} instances on {msg}",
@@ -317,19 +391,15 @@ async fn wait_for_fleet(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(short_id(version_id).to_string());
-    let outcome = deploy::wait_for_fleet(
-        client,
-        &svc.env,
-        &svc.service,
-        version_id,
-        timeout,
-        POLL,
-        |p| {
-            bar.set_length(p.total as u64);
-            bar.set_position(p.current as u64);
-            bar.tick();
-        },
-    )
+    let wait = Wait {
+        poll: POLL,
+        ..Wait::new(timeout)
+    };
+    let outcome = deploy::wait_for_fleet(client, &svc.env, &svc.service, version_id, wait, |p| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.current as u64);
+        bar.tick();
+    })
     .await?;
     bar.finish_and_clear();
     if let WaitOutcome::TimedOut { behind, .. } = &outcome {
@@ -345,15 +415,21 @@ async fn wait_for_fleet(
 #[command(after_help = "\
 Examples:
   lockstep rollback --service api                 # the release before the current one
-  lockstep rollback --service api --to 3f2a9c1e-… --reason 'bad migration'
-  lockstep rollback --service api --now           # emergency: skip canary and analysis")]
+  lockstep history --service api                  # find the version id to go back to
+  lockstep rollback --service api --to 3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f --reason 'bad migration'
+
+A rollback takes effect at once: instances on any other release are told they are stale within
+their watch (milliseconds) and refuse work. Rolling back from a release marked not rollback-safe
+needs --force. Needs a deployer token.")]
 pub struct RollbackArgs {
     #[command(flatten)]
     svc: ServiceArgs,
     /// The version id to make expected (default: the previous release).
     #[arg(long)]
     to: Option<String>,
-    /// Skip canary and analysis (the emergency path).
+    /// Record this as an emergency rollback in the event log. Every rollback is immediate
+    /// today (there are no canary stages yet to skip); once staged rollouts exist, --now
+    /// will skip them.
     #[arg(long)]
     now: bool,
     /// Roll back even from a release marked not rollback-safe.
@@ -365,7 +441,7 @@ pub struct RollbackArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
@@ -386,6 +462,81 @@ pub async fn rollback(a: RollbackArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// `lockstep history`.
+#[derive(Args)]
+#[command(after_help = "\
+The current release is marked with *. Version ids are shown whole: copy one into
+`lockstep rollback --to`.
+
+Examples:
+  lockstep history --service api
+  lockstep history --service api --env staging --limit 5 -o json | jq -r '.releases[0].version_id'
+
+Needs a viewer token. An unknown service exits 1 naming the known ones.")]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    svc: ServiceArgs,
+    /// At most this many releases (newest first).
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// Prints the release history of a service.
+pub async fn history(a: HistoryArgs) -> anyhow::Result<u8> {
+    let client = a.registry.client()?;
+    let h = lockstep_client::fleet::history_of(
+        &client,
+        &a.svc.env,
+        &a.svc.service,
+        a.limit.clamp(1, 1000),
+    )
+    .await
+    .map_err(crate::cmd_fleet::fleet_error)?;
+    if a.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&h)?);
+        return Ok(exit::OK);
+    }
+    if h.releases.is_empty() {
+        println!(
+            "no release registered for {} in {} yet",
+            a.svc.service, a.svc.env
+        );
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![
+        [
+            "",
+            "REVISION",
+            "VERSION ID",
+            "VERSION",
+            "KIND",
+            "REGISTERED",
+            "BY",
+            "REASON",
+        ]
+        .map(String::from),
+    ];
+    for (n, r) in h.releases.iter().enumerate() {
+        rows.push([
+            if n == 0 { "*".into() } else { String::new() },
+            r.revision.to_string(),
+            r.release.version_id.clone(),
+            r.release.version.clone().unwrap_or_else(|| "-".into()),
+            r.kind.as_str().to_string(),
+            crate::cmd_fleet::ts(Some(r.registered_at)),
+            r.release.actor.clone().unwrap_or_else(|| "-".into()),
+            r.release.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    crate::cmd_fleet::print_table(&rows);
+    Ok(exit::OK)
+}
+
 /// `lockstep detect`.
 #[derive(Args)]
 #[command(after_help = "\
@@ -400,7 +551,7 @@ pub struct DetectArgs {
     #[arg(default_value = ".")]
     dir: PathBuf,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 

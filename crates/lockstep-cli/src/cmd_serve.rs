@@ -2,7 +2,7 @@
 //! first start), serves until SIGTERM or Ctrl-C, then drains and flushes.
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use lockstep_core::parse_duration;
 use lockstep_server::{Config, Registry};
 use lockstep_store::Store;
@@ -13,16 +13,6 @@ use std::time::Duration;
 
 use crate::exit::{self, fail};
 
-/// Log line format.
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// `lockstep serve`.
 #[derive(Args)]
 #[command(after_help = "\
@@ -32,7 +22,9 @@ Examples:
   LOCKSTEP_ADMIN_TOKEN=… lockstep serve --listen 127.0.0.1:0   # port 0 picks a free port
 
 The first start prints a bootstrap admin token once (unless LOCKSTEP_ADMIN_TOKEN is set);
-create narrower tokens with `lockstep token create`.")]
+create narrower tokens with `lockstep token create`. Every flag has an environment variable
+(shown with each flag above). A data directory serves one registry at a time: a second serve on it refuses
+to start (exit 2); replicas share state with --store postgres://… instead.")]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port, printed as `listening on http://ADDR`.
     #[arg(long, env = "LOCKSTEP_LISTEN", default_value = "127.0.0.1:7070")]
@@ -82,9 +74,6 @@ pub struct ServeArgs {
     /// connections wait until one closes (and a warning is logged).
     #[arg(long, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 25_000)]
     max_connections: usize,
-    /// Log format on stderr.
-    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 /// The store URL without its password, for logs.
@@ -99,7 +88,10 @@ fn redacted(url: &str) -> String {
     }
 }
 
-async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store; for SQLite, first locks its directory for the life of the process.
+async fn open_store(
+    args: &ServeArgs,
+) -> anyhow::Result<(Arc<dyn Store>, Option<lockstep_store::DataDirLock>)> {
     let url = match &args.store {
         Some(url) => url.clone(),
         None => args.data_dir.display().to_string(),
@@ -117,11 +109,19 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
             ),
         ));
     }
+    let lock = match lockstep_store::lock::sqlite_dir(&url) {
+        // Busy or not creatable: either way a setting to fix (exit 2).
+        Some(dir) => Some(
+            lockstep_store::DataDirLock::acquire(dir)
+                .map_err(|e| fail(exit::USAGE, e.to_string()))?,
+        ),
+        None => None,
+    };
     let store = lockstep_store::open_url(&url)
         .await
         .with_context(|| format!("opening the store {}", redacted(&url)))?;
     tracing::info!(store = %redacted(&url), backend = store.backend(), "store opened");
-    Ok(store)
+    Ok((store, lock))
 }
 
 async fn shutdown_signal() {
@@ -150,7 +150,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     if args.instance_ttl < Duration::from_secs(1) {
         return Err(fail(exit::USAGE, "--instance-ttl must be at least 1s"));
     }
-    let store = open_store(&args).await?;
+    // Held until `run` returns: the data directory is ours while we serve.
+    let (store, _lock) = open_store(&args).await?;
     if args.leader_lease < Duration::from_secs(1) {
         return Err(fail(exit::USAGE, "--leader-lease must be at least 1s"));
     }

@@ -13,7 +13,8 @@ use crate::{Output, RegistryArgs};
 pub enum TokenCommand {
     /// Create a token and print it once.
     #[command(after_help = "\
-Roles: admin ⊃ deployer ⊃ operator ⊃ viewer; worker may only read releases, watch and heartbeat.
+Roles: admin ⊃ deployer ⊃ operator ⊃ viewer; worker may only read releases, watch and heartbeat
+(every role may do what a worker does). Token commands need an admin token.
 
 Examples:
   lockstep token create --name ci --role deployer
@@ -23,7 +24,9 @@ Examples:
     #[command(after_help = "Example:\n  lockstep token list --output json")]
     List(ListArgs),
     /// Revoke a token by name; it stops working at once.
-    #[command(after_help = "Example:\n  lockstep token revoke --name ci")]
+    #[command(
+        after_help = "Examples:\n  lockstep token revoke --name ci\n  lockstep token revoke --name ci -o json"
+    )]
     Revoke(RevokeArgs),
 }
 
@@ -39,7 +42,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
@@ -49,7 +52,7 @@ pub struct ListArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Output,
 }
 
@@ -61,6 +64,9 @@ pub struct RevokeArgs {
     name: String,
     #[command(flatten)]
     registry: RegistryArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
 }
 
 /// Runs a token command.
@@ -112,7 +118,10 @@ pub async fn run(cmd: TokenCommand) -> anyhow::Result<u8> {
                 .revoke_token(&a.name)
                 .await
                 .context("revoking the token")?;
-            eprintln!("revoked token {:?}", a.name);
+            match a.output {
+                Output::Json => println!("{}", serde_json::json!({ "revoked": a.name })),
+                Output::Text => eprintln!("revoked token {:?}", a.name),
+            }
         }
     }
     Ok(exit::OK)

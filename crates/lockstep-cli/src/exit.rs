@@ -37,7 +37,10 @@ pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// The exit code for an error anywhere in the chain.
+/// The exit code for an error anywhere in the chain: 3 when the registry could not be
+/// reached; 2 for a setting to fix (no or a wrong token, too weak a role, a URL that is not
+/// a lockstep registry, a request the registry calls malformed); 1 when the registry
+/// refused or failed the request itself (a downgrade, an unknown rollback target).
 pub fn code_of(err: &anyhow::Error) -> u8 {
     if let Some(e) = err.downcast_ref::<Exit>() {
         return e.code;
@@ -46,14 +49,9 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
         if let Some(c) = cause.downcast_ref::<ClientError>() {
             return match c {
                 ClientError::Unreachable { .. } => UNREACHABLE,
-                ClientError::BadUrl(_) => USAGE,
-                ClientError::Api {
-                    status: 400 | 401, ..
-                } => USAGE,
-                ClientError::Api {
-                    status: 502..=504, ..
-                } => UNREACHABLE,
-                ClientError::Api { .. } | ClientError::Decode(_) => FAILED,
+                c if c.is_configuration() => USAGE,
+                ClientError::Api { status: 400, .. } => USAGE,
+                _ => FAILED,
             };
         }
     }

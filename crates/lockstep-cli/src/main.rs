@@ -9,23 +9,61 @@ mod cmd_serve;
 mod cmd_token;
 mod exit;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// `0.1.0 (git 1a2b3c4…, built 2026-11-24T12:00:00Z)`: the version, the commit and the build
+/// date baked in by `build.rs`.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("LOCKSTEP_GIT_SHA"),
+    ", built ",
+    env!("LOCKSTEP_BUILD_DATE"),
+    ")"
+);
+
 /// Keeps a fleet of workers on the version that was deployed.
 #[derive(Parser)]
-#[command(name = "lockstep", version, about, long_about = None, after_help = "\
-Start a registry on the embedded store:   lockstep serve
-Register what was deployed:               lockstep register --service api --version-id 3f2a9c1e-…
-Deploy, wait for the fleet, roll back:    lockstep deploy --service api --wait --rollback-on-timeout -- ./deploy.sh
-Check the fleet from CI:                  lockstep verify --service api
+#[command(name = "lockstep", version = VERSION, about, long_about = None, after_help = "\
+Examples:
+  Start a registry on the embedded store:   lockstep serve
+  Register what was deployed:               lockstep register --service api --version-id 3f2a9c1e-… --version v1.4.0
+  Deploy, wait for the fleet, roll back:    lockstep deploy --service api --wait --rollback-on-timeout -- ./deploy.sh
+  Check the fleet from CI:                  lockstep verify --service api
+  Find a release to roll back to:           lockstep history --service api
+  Guard a worker in any language:           lockstep guard --env production --service api -- python3 worker.py
 
-Exit codes: 0 success, 1 check failed (stale, timeout, rejected), 2 usage or configuration
-error, 3 registry unreachable, 78 a startup guard refused to run.")]
+Environment: LOCKSTEP_REGISTRY (registry URL), LOCKSTEP_TOKEN (bearer token), LOCKSTEP_ENV
+(environment, default production), LOCKSTEP_SERVICE (service), LOCKSTEP_LOG_FORMAT (text|json).
+
+Exit codes: 0 success, 1 check failed (stale, timeout, rejected, unknown service), 2 usage or
+configuration error (including a missing or too weak token), 3 registry unreachable, 78 a startup
+guard refused to run.")]
 struct Cli {
+    /// Log lines on stderr as text or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKSTEP_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        display_order = 900
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Log line format.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,10 +76,14 @@ enum Command {
     Deploy(cmd_release::DeployArgs),
     /// Make the previous (or a named) release expected again.
     Rollback(cmd_release::RollbackArgs),
+    /// The releases of a service, newest first (the ids `rollback --to` takes).
+    History(cmd_release::HistoryArgs),
     /// Services, expected releases, instances and their status.
     Status(cmd_fleet::StatusArgs),
     /// [OK] / [STALE] / [MISSING] per instance; exit 0 only when all are current.
     Verify(cmd_fleet::VerifyArgs),
+    /// Forget instances that will not come back (a killed worker, a removed host).
+    Forget(cmd_fleet::ForgetArgs),
     /// Print the version detected for a source tree (VERSION file → git tag → dev-<sha7>).
     Detect(cmd_release::DetectArgs),
     /// Create, list and revoke API tokens.
@@ -51,6 +93,34 @@ enum Command {
     Guard(cmd_guard::GuardArgs),
     /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
     Demo(cmd_demo::DemoArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), or write one page per subcommand with --dir.
+    Man(ManArgs),
+}
+
+/// `lockstep completions`.
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  lockstep completions bash > /etc/bash_completion.d/lockstep
+  lockstep completions zsh > \"${fpath[1]}/_lockstep\"
+  lockstep completions fish > ~/.config/fish/completions/lockstep.fish")]
+struct CompletionsArgs {
+    /// The shell.
+    shell: clap_complete::Shell,
+}
+
+/// `lockstep man`.
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  lockstep man | man -l -
+  lockstep man --dir /usr/local/share/man/man1   # lockstep.1, lockstep-serve.1, …")]
+struct ManArgs {
+    /// Write lockstep.1 and one page per subcommand into this directory instead.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
 }
 
 /// Where the registry is and how to authenticate.
@@ -63,7 +133,7 @@ pub struct RegistryArgs {
         default_value = "http://127.0.0.1:7070"
     )]
     pub registry: String,
-    /// Bearer token.
+    /// Bearer token (`lockstep serve` prints an admin token on first start).
     #[arg(long, env = "LOCKSTEP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -88,33 +158,58 @@ pub enum Output {
     Json,
 }
 
-fn init_logging(json: bool) {
+/// Whether stderr may carry colours: a terminal, and no `NO_COLOR`.
+pub fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
+}
+
+fn man(a: ManArgs) -> anyhow::Result<u8> {
+    let cmd = Cli::command();
+    match a.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| exit::fail(exit::USAGE, format!("{}: {e}", dir.display())))?;
+            clap_mangen::generate_to(cmd, &dir)?;
+            eprintln!("wrote the manual pages to {}", dir.display());
+        }
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+    }
+    Ok(exit::OK)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_json =
-        matches!(&cli.command, Command::Serve(a) if a.log_format == cmd_serve::LogFormat::Json);
-    if !matches!(cli.command, Command::Serve(_)) && std::env::var_os("RUST_LOG").is_none() {
-        // Tools print their own results; only warnings from the libraries are interesting.
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init();
-    } else {
-        init_logging(log_json);
+    // The registry logs what it does; the tools print their own results, so only warnings
+    // from the libraries are interesting there.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        // The demo narrates; its in-process registry and workers stay quiet unless asked.
+        Command::Demo(_) => "error",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_filter);
+    if let Command::Completions(a) = &cli.command {
+        clap_complete::generate(
+            a.shell,
+            &mut Cli::command(),
+            "lockstep",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,12 +227,16 @@ fn main() -> ExitCode {
             Command::Register(a) => cmd_release::register(a).await,
             Command::Deploy(a) => cmd_release::deploy(a).await,
             Command::Rollback(a) => cmd_release::rollback(a).await,
+            Command::History(a) => cmd_release::history(a).await,
             Command::Status(a) => cmd_fleet::status(a).await,
             Command::Verify(a) => cmd_fleet::verify(a).await,
+            Command::Forget(a) => cmd_fleet::forget(a).await,
             Command::Detect(a) => cmd_release::detect(a),
             Command::Token(c) => cmd_token::run(c).await,
             Command::Guard(a) => cmd_guard::run(a).await,
             Command::Demo(a) => cmd_demo::run(a).await,
+            Command::Completions(_) => Ok(exit::OK),
+            Command::Man(a) => man(a),
         }
     });
     match result {

@@ -99,15 +99,6 @@ fn verify_exits_0_1_and_3_in_the_right_cases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = serve(dir.path());
     let run = |args: &[&str]| lockstep(&s.url, ADMIN_TOKEN, args);
-    // Empty fleet: failure unless allowed.
-    let o = run(&["verify", "--service", "api"]);
-    assert_eq!(code(&o), 1, "{}", text(&o));
-    assert!(text(&o).contains("[FAIL]"));
-    assert_eq!(
-        code(&run(&["verify", "--service", "api", "--allow-empty"])),
-        0
-    );
-
     let o = run(&[
         "register",
         "--service",
@@ -118,6 +109,14 @@ fn verify_exits_0_1_and_3_in_the_right_cases() {
         "abcdef1234567",
     ]);
     assert_eq!(code(&o), 0, "{}", text(&o));
+    // A known service with an empty fleet: failure unless allowed.
+    let o = run(&["verify", "--service", "api"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("[FAIL]"));
+    assert_eq!(
+        code(&run(&["verify", "--service", "api", "--allow-empty"])),
+        0
+    );
     let client = s.client(ADMIN_TOKEN);
     let rt = rt();
     rt.block_on(client.heartbeat(&hb("w-1", "api", "11111111-aaaa-4bbb-8ccc-000000000001")))
@@ -664,8 +663,13 @@ fn tokens_are_managed_from_the_command_line() {
     let o = lockstep(&s.url, &secret, &["status"]);
     assert_eq!(
         code(&o),
-        1,
-        "a worker token may not read status: {}",
+        2,
+        "a worker token may not read status, a configuration error: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("viewer"),
+        "names the role needed: {}",
         text(&o)
     );
     assert_eq!(
@@ -724,7 +728,19 @@ fn detect_prints_the_version_of_a_source_tree() {
 #[test]
 fn every_command_explains_itself_with_an_example() {
     for cmd in [
-        "serve", "register", "deploy", "rollback", "status", "verify", "detect", "guard", "demo",
+        "serve",
+        "register",
+        "deploy",
+        "rollback",
+        "history",
+        "status",
+        "verify",
+        "forget",
+        "detect",
+        "guard",
+        "demo",
+        "completions",
+        "man",
     ] {
         let o = Command::new(BIN)
             .args([cmd, "--help"])
@@ -747,4 +763,596 @@ fn every_command_explains_itself_with_an_example() {
         .output()
         .expect("run");
     assert_eq!(code(&o), 2, "unknown subcommand is a usage error");
+}
+
+fn register(url: &str, service: &str, id: &str, version: &str) {
+    let o = lockstep(
+        url,
+        ADMIN_TOKEN,
+        &[
+            "register",
+            "--service",
+            service,
+            "--version-id",
+            id,
+            "--version",
+            version,
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn verify_and_status_on_an_unknown_service_exit_1_naming_the_known_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    register(&s.url, "api", "v1", "v1.0.0");
+    register(&s.url, "extractor", "e1", "v1.0.0");
+    let run = |args: &[&str]| lockstep(&s.url, ADMIN_TOKEN, args);
+    for args in [
+        &["verify", "--service", "apii"][..],
+        &["verify", "--service", "apii", "--allow-empty"],
+        &["status", "--service", "apii"],
+        &["history", "--service", "apii"],
+    ] {
+        let o = run(args);
+        assert_eq!(code(&o), 1, "{args:?}: {}", text(&o));
+        assert!(
+            stderr(&o).contains("no service named \"apii\"")
+                && stderr(&o).contains("api, extractor"),
+            "{args:?}: {}",
+            text(&o)
+        );
+        assert!(!text(&o).contains("[OK]"), "{args:?}: {}", text(&o));
+    }
+    let o = run(&["status", "--env", "prod"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        stderr(&o).contains("known environments: production"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[
+        "verify",
+        "--env",
+        "staging",
+        "--service",
+        "api",
+        "--allow-empty",
+    ]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    // LOCKSTEP_SERVICE is honoured like --service.
+    let o = Command::new(BIN)
+        .args(["verify", "--allow-empty"])
+        .env("LOCKSTEP_REGISTRY", &s.url)
+        .env("LOCKSTEP_TOKEN", ADMIN_TOKEN)
+        .env("LOCKSTEP_SERVICE", "apii")
+        .env_remove("LOCKSTEP_ENV")
+        .output()
+        .expect("run");
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(stderr(&o).contains("apii"), "{}", text(&o));
+    // A known service with no instance is still a plain empty fleet.
+    assert_eq!(
+        code(&run(&["verify", "--service", "api", "--allow-empty"])),
+        0
+    );
+    assert_eq!(code(&run(&["status", "--service", "api"])), 0);
+}
+
+#[test]
+fn deploy_wait_on_an_empty_fleet_answers_within_a_second_and_keeps_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    register(&s.url, "api", "good", "v1.0.0");
+    let t0 = Instant::now();
+    let o = lockstep(
+        &s.url,
+        ADMIN_TOKEN,
+        &[
+            "deploy",
+            "--service",
+            "api",
+            "--wait",
+            "--timeout",
+            "5m",
+            "--rollback-on-timeout",
+            "--",
+            "true",
+        ],
+    );
+    let took = t0.elapsed();
+    assert_eq!(code(&o), 1, "nothing reports the release: {}", text(&o));
+    assert!(
+        took < Duration::from_secs(3),
+        "answered in {took:?}, not after the 5m timeout"
+    );
+    assert!(
+        stderr(&o).contains("no live instance of api"),
+        "{}",
+        text(&o)
+    );
+    assert!(!stderr(&o).contains("0/0"), "{}", text(&o));
+    let id = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    let rel = rt()
+        .block_on(s.client(ADMIN_TOKEN).release("production", "api"))
+        .expect("read")
+        .expect("release");
+    assert_eq!(rel.release.version_id, id, "registered and not rolled back");
+}
+
+#[test]
+fn register_of_a_lower_semantic_version_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    register(&s.url, "api", "11111111-one", "v1.0.0");
+    let args = [
+        "register",
+        "--service",
+        "api",
+        "--version-id",
+        "22222222-two",
+        "--version",
+        "v0.9.0",
+    ];
+    let o = lockstep(&s.url, ADMIN_TOKEN, &args);
+    assert_eq!(code(&o), 1, "a downgrade is a refusal: {}", text(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--force") && e.contains("v1.0.0 (11111111)") && e.contains("v0.9.0 (22222222)"),
+        "names both releases and the flag: {e}"
+    );
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let o = lockstep(&s.url, ADMIN_TOKEN, &forced);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    // A deploy that would be refused is refused before its command runs.
+    let marker = dir.path().join("deployed");
+    let o = lockstep(
+        &s.url,
+        ADMIN_TOKEN,
+        &[
+            "deploy",
+            "--service",
+            "api",
+            "--version",
+            "v0.1.0",
+            "--",
+            "touch",
+            marker.to_str().unwrap_or(""),
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(stderr(&o).contains("did not run"), "{}", text(&o));
+    assert!(!marker.exists(), "the deploy command never ran");
+}
+
+#[test]
+fn register_takes_nothing_from_the_current_directory_unless_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    let tree = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tree.path().join("VERSION"), "4.2.0\n").expect("write");
+    // Run from inside this git checkout: its SHA must not end up in the release.
+    let run_in = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("LOCKSTEP_REGISTRY", &s.url)
+            .env("LOCKSTEP_TOKEN", ADMIN_TOKEN)
+            .env_remove("LOCKSTEP_ENV")
+            .output()
+            .expect("run")
+    };
+    let o = run_in(&[
+        "register",
+        "--service",
+        "api",
+        "--version-id",
+        "plain",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    for field in ["git_sha", "build_date", "version"] {
+        assert!(v.get(field).is_none(), "{field} was guessed: {v}");
+    }
+    let o = run_in(&[
+        "register",
+        "--service",
+        "api",
+        "--version-id",
+        "detected",
+        "--detect",
+        tree.path().to_str().unwrap_or(""),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["version"], "4.2.0", "{v}");
+}
+
+#[test]
+fn history_lists_releases_newest_first_with_the_ids_rollback_to_takes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    register(
+        &s.url,
+        "api",
+        "3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f",
+        "v1.0.0",
+    );
+    register(
+        &s.url,
+        "api",
+        "9d8c7b6a-1111-4222-8333-444455556666",
+        "v1.1.0",
+    );
+    let o = lockstep(&s.url, ADMIN_TOKEN, &["history", "--service", "api"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("VERSION ID"), "{out}");
+    assert!(
+        lines[1].starts_with('*') && lines[1].contains("9d8c7b6a-1111-4222-8333-444455556666"),
+        "the current release first, whole id: {out}"
+    );
+    assert!(
+        lines[2].contains("3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f") && lines[2].contains("v1.0.0"),
+        "{out}"
+    );
+    let o = lockstep(
+        &s.url,
+        ADMIN_TOKEN,
+        &["history", "--service", "api", "-o", "json"],
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let older = v["releases"][1]["version_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let o = lockstep(
+        &s.url,
+        ADMIN_TOKEN,
+        &["rollback", "--service", "api", "--to", &older],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = lockstep(
+        &s.url,
+        ADMIN_TOKEN,
+        &["history", "--service", "api", "--limit", "1"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("rollback") && out.contains(&older), "{out}");
+}
+
+#[test]
+fn forget_removes_a_dead_instance_so_verify_passes_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = ServeProcess::spawn(Path::new(BIN), dir.path(), &["--instance-ttl", "1s"], &[]);
+    register(&s.url, "jobs", "v1", "v1.0.0");
+    let client = s.client(ADMIN_TOKEN);
+    let rt = rt();
+    rt.block_on(client.heartbeat(&hb("dead", "jobs", "v1")))
+        .expect("hb");
+    std::thread::sleep(Duration::from_millis(2200));
+    rt.block_on(client.heartbeat(&hb("alive", "jobs", "v1")))
+        .expect("hb");
+    let o = lockstep(&s.url, ADMIN_TOKEN, &["verify", "--service", "jobs"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("[MISSING] jobs dead"), "{}", text(&o));
+    let operator = rt
+        .block_on(client.create_token("ops", Role::Operator))
+        .expect("token")
+        .token;
+    let o = lockstep(
+        &s.url,
+        &operator,
+        &["forget", "--missing", "--service", "jobs"],
+    );
+    assert_eq!(code(&o), 0, "an operator may forget: {}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "forgot dead",
+        "{}",
+        text(&o)
+    );
+    let o = lockstep(&s.url, ADMIN_TOKEN, &["verify", "--service", "jobs"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = lockstep(&s.url, &operator, &["forget", "no-such-instance"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(stderr(&o).contains("no-such-instance"), "{}", text(&o));
+    let o = lockstep(&s.url, &operator, &["forget", "alive", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["forgotten"][0], "alive", "{v}");
+}
+
+/// Something at the registry URL that answers HTTP but is not lockstep.
+fn not_a_registry() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten().take(20) {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 18\r\nConnection: close\r\n\r\n<h1>Not Found</h1>",
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn errors_say_what_to_do_in_an_operators_words() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = serve(dir.path());
+    let check = |o: Output, exit: i32, says: &str| {
+        assert_eq!(code(&o), exit, "{}", text(&o));
+        assert!(
+            stderr(&o).contains(says),
+            "expected {says:?} in {}",
+            text(&o)
+        );
+        for http in ["registry answered", "(http_error)", "error sending request"] {
+            assert!(
+                !stderr(&o).contains(http),
+                "HTTP talk {http:?}: {}",
+                text(&o)
+            );
+        }
+    };
+    let reg = ["register", "--service", "api", "--version-id", "x"];
+    check(
+        lockstep(&s.url, "", &reg),
+        2,
+        "set LOCKSTEP_TOKEN or pass --token",
+    );
+    check(
+        lockstep(&s.url, "lst_wrong", &reg),
+        2,
+        "does not accept this token",
+    );
+    let viewer = rt()
+        .block_on(s.client(ADMIN_TOKEN).create_token("dash", Role::Viewer))
+        .expect("token")
+        .token;
+    check(
+        lockstep(&s.url, &viewer, &reg),
+        2,
+        "needs the deployer role",
+    );
+    check(
+        lockstep(&not_a_registry(), ADMIN_TOKEN, &["status"]),
+        2,
+        "does not answer like a lockstep registry",
+    );
+    check(
+        lockstep("http://127.0.0.1:9", ADMIN_TOKEN, &["status"]),
+        3,
+        "connection refused",
+    );
+    check(
+        lockstep("not a url", ADMIN_TOKEN, &["status"]),
+        2,
+        "invalid registry URL",
+    );
+}
+
+#[test]
+fn a_second_serve_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = serve(dir.path());
+    let t0 = Instant::now();
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("LOCKSTEP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .expect("run");
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(
+        stderr(&o).contains("another lockstep serve is already using"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("listening on"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// `--help` split into option blocks: each starts at a line beginning with `-` (after
+/// indentation) and holds its description.
+fn option_blocks(help: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = Vec::new();
+    let mut in_options = false;
+    for line in help.lines() {
+        if line.starts_with("Options:") {
+            in_options = true;
+            continue;
+        }
+        if !in_options {
+            continue;
+        }
+        if !line.starts_with(' ') && !line.is_empty() {
+            break;
+        }
+        let indent = line.len() - line.trim_start().len();
+        if line.trim_start().starts_with('-') && indent <= 6 {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    blocks
+}
+
+fn help(args: &[&str]) -> String {
+    let o = Command::new(BIN)
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert_eq!(code(&o), 0, "{args:?}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn every_serve_flag_has_an_environment_variable() {
+    let blocks = option_blocks(&help(&["serve"]));
+    assert!(blocks.len() > 10, "{blocks:?}");
+    for b in blocks {
+        if b.contains("--help") {
+            continue;
+        }
+        assert!(b.contains("[env: LOCKSTEP_"), "no env var: {b}");
+    }
+}
+
+#[test]
+fn flags_are_consistent_across_subcommands() {
+    for cmd in [
+        &["register"][..],
+        &["deploy"],
+        &["rollback"],
+        &["history"],
+        &["status"],
+        &["verify"],
+        &["forget"],
+        &["detect"],
+        &["token", "create"],
+        &["token", "list"],
+        &["token", "revoke"],
+    ] {
+        let h = help(cmd);
+        assert!(h.contains("-o, --output"), "{cmd:?} has no -o/--output");
+        assert!(h.contains("--log-format"), "{cmd:?} has no --log-format");
+    }
+    for cmd in ["status", "verify", "history", "register", "deploy", "guard"] {
+        assert!(
+            help(&[cmd]).contains("[env: LOCKSTEP_SERVICE"),
+            "{cmd} ignores LOCKSTEP_SERVICE"
+        );
+    }
+    let rollback = help(&["rollback"]);
+    assert!(rollback.contains("no canary stages yet"), "{rollback}");
+    // --log-format is global: accepted before or after the subcommand.
+    let o = lockstep(
+        "http://127.0.0.1:9",
+        ADMIN_TOKEN,
+        &["--log-format", "json", "status"],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    let o = lockstep(
+        "http://127.0.0.1:9",
+        ADMIN_TOKEN,
+        &["status", "--log-format", "json"],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o));
+}
+
+#[test]
+fn version_shows_the_git_sha_and_the_build_date() {
+    let o = Command::new(BIN).arg("--version").output().expect("run");
+    assert_eq!(code(&o), 0);
+    let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let rest = v
+        .strip_prefix(concat!("lockstep ", env!("CARGO_PKG_VERSION"), " (git "))
+        .unwrap_or_else(|| panic!("{v}"));
+    let (sha, date) = rest
+        .trim_end_matches(')')
+        .split_once(", built ")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        sha == "unknown" || (sha.len() == 40 && sha.chars().all(|c| c.is_ascii_hexdigit())),
+        "{v}"
+    );
+    assert!(
+        time::OffsetDateTime::parse(date, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{v}"
+    );
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    for (shell, marker) in [
+        ("bash", "_lockstep()"),
+        ("zsh", "#compdef lockstep"),
+        ("fish", "complete -c lockstep"),
+    ] {
+        let o = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .expect("run");
+        assert_eq!(code(&o), 0, "{shell}");
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(script.contains(marker), "{shell}: {script:.200}");
+        assert!(
+            script.contains("history") && script.contains("rollback-on-timeout"),
+            "{shell}"
+        );
+    }
+    let o = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&o), 2, "an unknown shell is a usage error");
+    let o = Command::new(BIN).arg("man").output().expect("run");
+    assert_eq!(code(&o), 0);
+    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH lockstep"),
+        "{page:.300}"
+    );
+    assert!(
+        page.contains("verify") && page.contains("LOCKSTEP_REGISTRY"),
+        "{page:.300}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    for page in [
+        "lockstep.1",
+        "lockstep-serve.1",
+        "lockstep-guard.1",
+        "lockstep-token-create.1",
+    ] {
+        assert!(dir.path().join(page).is_file(), "{page} missing");
+    }
+}
+
+#[test]
+fn no_colour_codes_when_output_is_redirected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = ServeProcess::spawn(Path::new(BIN), dir.path(), &[], &[("NO_COLOR", "")]);
+    let o = lockstep(&s.url, ADMIN_TOKEN, &["verify", "--service", "nope"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = s.logs();
+    assert!(logs.contains("INFO"), "{logs}");
+    for out in [logs, text(&o)] {
+        assert!(
+            !out.contains('\u{1b}'),
+            "ANSI escape in redirected output: {out:?}"
+        );
+    }
 }

@@ -354,3 +354,287 @@ fn sigterm_to_the_guard_is_forwarded_to_the_child() {
     );
     assert!(marker.exists(), "the child received SIGTERM");
 }
+
+/// A TCP server that answers every request with `response` (a whole HTTP/1.1 answer):
+/// something at the registry URL that is not a lockstep registry.
+fn not_a_registry(response: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten().take(50) {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(response.as_bytes());
+        }
+    });
+    url
+}
+
+const HTML_404: &str = "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 22\r\nConnection: close\r\n\r\n<h1>Not Found</h1>\r\n\r\n";
+
+fn registry_with(services: &[(&str, &str)]) -> (tempfile::TempDir, ServeProcess) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = ServeProcess::spawn(Path::new(BIN), dir.path(), &[], &[]);
+    for (svc, v) in services {
+        rt().block_on(s.client(ADMIN_TOKEN).put_release(
+            "production",
+            svc,
+            &PutRelease {
+                release: Release::new(*v),
+                force: false,
+            },
+        ))
+        .expect("register");
+    }
+    (dir, s)
+}
+
+#[test]
+fn explicit_env_production_with_a_mismatched_sha_exits_78_and_never_starts_the_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    // No LOCKSTEP_ENV, APP_ENV or NODE_ENV: only the flag says production.
+    let o = run(
+        &[
+            ("GIT_SHA", "abc1234"),
+            ("EXPECTED_GIT_SHA", "def5678"),
+            ("LOCKSTEP_REGISTRY", "http://127.0.0.1:9"),
+        ],
+        &[
+            "--env",
+            "production",
+            "--service",
+            "extractor",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(
+        text(&o).contains("differs from EXPECTED_GIT_SHA") && text(&o).contains("--env production"),
+        "{}",
+        text(&o)
+    );
+    assert!(!marker.exists(), "the child never ran");
+    // The same through LOCKSTEP_ENV, which fills --env.
+    let o = run(
+        &[
+            ("GIT_SHA", "abc1234"),
+            ("EXPECTED_GIT_SHA", "def5678"),
+            ("LOCKSTEP_ENV", "production"),
+        ],
+        &["--", "sh", "-c", &script],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(!marker.exists());
+}
+
+#[test]
+fn version_id_without_git_sha_runs_in_production() {
+    let o = run(
+        &[],
+        &[
+            "--env",
+            "production",
+            "--version-id",
+            "3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f",
+            "--",
+            "sh",
+            "-c",
+            "echo \"child ran as $LOCKSTEP_VERSION_ID\"",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("child ran as 3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("FATAL"), "{}", text(&o));
+}
+
+#[test]
+fn an_unknown_release_is_explained_for_any_language() {
+    let o = run(&[], &["--env", "production", "--", "true"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("GIT_SHA") && t.contains("--version-id"), "{t}");
+    assert!(
+        !t.contains("lockstep_build"),
+        "no Rust build advice for a wrapped worker: {t}"
+    );
+    // Outside production the same finding warns, says so, and the worker runs.
+    let o = run(&[], &["--", "sh", "-c", "echo child ran"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("(allowed outside production)") && text(&o).contains("child ran"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_registry_that_refuses_the_token_refuses_in_production_and_warns_in_development() {
+    let (_d, s) = registry_with(&[("jobs", "v1")]);
+    let args = [
+        "--service",
+        "jobs",
+        "--version-id",
+        "v1",
+        "--",
+        "sh",
+        "-c",
+        "echo child ran",
+    ];
+    for (token, says) in [
+        ("", "LOCKSTEP_TOKEN"),
+        ("lst_not_a_token", "does not accept this token"),
+    ] {
+        let mut envs = vec![
+            ("LOCKSTEP_REGISTRY", s.url.as_str()),
+            ("LOCKSTEP_ENV", "production"),
+        ];
+        if !token.is_empty() {
+            envs.push(("LOCKSTEP_TOKEN", token));
+        }
+        let o = run(&envs, &args);
+        assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+        assert!(text(&o).contains(says), "{}", text(&o));
+        assert!(!text(&o).contains("child ran"), "{}", text(&o));
+        assert!(!text(&o).contains("starting anyway"), "{}", text(&o));
+        // Development: a warning, and the worker runs.
+        envs.retain(|(k, _)| *k != "LOCKSTEP_ENV");
+        let o = run(&envs, &args);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(
+            text(&o).contains("[version] WARNING:") && text(&o).contains("child ran"),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn a_misspelled_service_is_refused_in_production_naming_the_known_ones() {
+    let (_d, s) = registry_with(&[("extractor", "v1"), ("api", "v7")]);
+    let worker = rt()
+        .block_on(
+            s.client(ADMIN_TOKEN)
+                .create_token("workers", lockstep_core::Role::Worker),
+        )
+        .expect("token")
+        .token;
+    let envs = [
+        ("LOCKSTEP_REGISTRY", s.url.as_str()),
+        ("LOCKSTEP_TOKEN", worker.as_str()),
+        ("LOCKSTEP_ENV", "production"),
+    ];
+    let args = [
+        "--service",
+        "extractr",
+        "--version-id",
+        "v1",
+        "--",
+        "sh",
+        "-c",
+        "echo child ran",
+    ];
+    let o = run(&envs, &args);
+    assert_eq!(
+        o.status.code(),
+        Some(78),
+        "a worker token is enough to tell: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("extractr") && text(&o).contains("api, extractor"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("child ran"));
+    // Outside production: said loudly, with the names, and the worker runs.
+    let o = run(&envs[..2], &args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("[version] WARNING:") && text(&o).contains("api, extractor"),
+        "{}",
+        text(&o)
+    );
+    // The right name passes.
+    let o = run(
+        &envs,
+        &["--service", "extractor", "--version-id", "v1", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn an_unreachable_registry_does_not_block_the_worker_even_in_production() {
+    let o = run(
+        &[
+            ("LOCKSTEP_ENV", "production"),
+            ("LOCKSTEP_REGISTRY", "http://127.0.0.1:9"),
+            ("LOCKSTEP_TOKEN", ADMIN_TOKEN),
+        ],
+        &[
+            "--service",
+            "jobs",
+            "--version-id",
+            "v1",
+            "--",
+            "sh",
+            "-c",
+            "exit 5",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "the child's own code: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("connection refused") && text(&o).contains("starting anyway"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_url_that_is_not_a_registry_refuses_in_production() {
+    let url = not_a_registry(HTML_404);
+    let o = run(
+        &[
+            ("LOCKSTEP_ENV", "production"),
+            ("LOCKSTEP_REGISTRY", &url),
+            ("LOCKSTEP_TOKEN", ADMIN_TOKEN),
+        ],
+        &["--service", "jobs", "--version-id", "v1", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not answer like a lockstep registry"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_missing_command_exits_127_and_a_non_executable_one_126() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(&[("GIT_SHA", SHA)], &["--", "./missing-worker"]);
+    assert_eq!(o.status.code(), Some(127), "{}", text(&o));
+    assert!(
+        text(&o).contains("./missing-worker: not found"),
+        "{}",
+        text(&o)
+    );
+    let plain = dir.path().join("worker.sh");
+    std::fs::write(&plain, "#!/bin/sh\necho hi\n").expect("write");
+    let o = run(&[("GIT_SHA", SHA)], &["--", plain.to_str().unwrap_or("")]);
+    assert_eq!(o.status.code(), Some(126), "{}", text(&o));
+}

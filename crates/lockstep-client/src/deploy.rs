@@ -230,24 +230,70 @@ pub enum WaitOutcome {
         /// The live instances still on another release.
         behind: Vec<Instance>,
     },
+    /// No live instance of the service reported during [`Wait::empty_grace`]: there is no
+    /// fleet to wait for (a service with no worker yet, workers not pointed at this
+    /// registry, or all of them dead). Waiting out the timeout would only delay the answer.
+    NoInstances {
+        /// Instances known but missing (no heartbeat within their TTL).
+        missing: usize,
+    },
 }
 
-/// Polls the registry's status of `env`/`service` every `poll` until every live instance
-/// runs `version_id` or `timeout` has passed, calling `progress_to` after each look.
+/// How long and how often [`wait_for_fleet`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Give up after this long ([`WaitOutcome::TimedOut`]).
+    pub timeout: Duration,
+    /// Time between two looks.
+    pub poll: Duration,
+    /// When no live instance at all has reported after this long, stop at once
+    /// ([`WaitOutcome::NoInstances`]) instead of waiting for the timeout. Instances that
+    /// restart during a deploy heartbeat on start, so a short grace covers them.
+    pub empty_grace: Duration,
+}
+
+impl Wait {
+    /// `timeout`, a look every 500 ms, and an empty fleet answered after 800 ms.
+    pub fn new(timeout: Duration) -> Wait {
+        Wait {
+            timeout,
+            poll: Duration::from_millis(500),
+            empty_grace: Duration::from_millis(800),
+        }
+    }
+}
+
+fn missing_count(report: &StatusReport) -> usize {
+    report
+        .environments
+        .iter()
+        .flat_map(|e| &e.services)
+        .flat_map(|s| &s.instances)
+        .filter(|i| i.status == Status::Missing)
+        .count()
+}
+
+/// Polls the registry's status of `env`/`service` every `wait.poll` until every live
+/// instance runs `version_id` or `wait.timeout` has passed, calling `progress_to` after
+/// each look.
 ///
 /// The first look is immediate and there is always a last look at the deadline, so a zero
-/// timeout looks once. A fleet with no live instance never completes. A registry that
-/// cannot be asked ends the wait with its error.
+/// timeout looks once. When no live instance has reported by `wait.empty_grace` the wait
+/// ends with [`WaitOutcome::NoInstances`]; once one has, an emptied fleet (a restart) is
+/// waited for until the timeout. A registry that cannot be asked ends the wait with its
+/// error.
 pub async fn wait_for_fleet(
     client: &RegistryClient,
     env: &str,
     service: &str,
     version_id: &str,
-    timeout: Duration,
-    poll: Duration,
+    wait: Wait,
     mut progress_to: impl FnMut(Progress),
 ) -> Result<WaitOutcome, ClientError> {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + wait.timeout;
+    let grace = start + wait.empty_grace.min(wait.timeout);
+    let mut seen_live = false;
     loop {
         let report = client.status(Some(env), Some(service)).await?;
         let p = progress(&report, version_id);
@@ -255,15 +301,59 @@ pub async fn wait_for_fleet(
         if p.is_complete() {
             return Ok(WaitOutcome::AllCurrent { total: p.total });
         }
-        if Instant::now() >= deadline {
+        seen_live |= p.total > 0;
+        let now = Instant::now();
+        if !seen_live && now >= grace {
+            return Ok(WaitOutcome::NoInstances {
+                missing: missing_count(&report),
+            });
+        }
+        if now >= deadline {
             return Ok(WaitOutcome::TimedOut {
                 current: p.current,
                 total: p.total,
                 behind: behind(&report, version_id).into_iter().cloned().collect(),
             });
         }
-        tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+        let next = if seen_live {
+            deadline
+        } else {
+            grace.min(deadline)
+        };
+        tokio::time::sleep(wait.poll.min(next.saturating_duration_since(now))).await;
     }
+}
+
+/// Why a deploy must not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PrecheckError {
+    /// The registry could not be asked for the expected release.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Registering the release would be refused (a downgrade).
+    #[error(transparent)]
+    Refused(#[from] lockstep_core::CoreError),
+}
+
+/// Applies the registration rules to `release` against the expected release of
+/// `env`/`service` *before* the deploy command runs, so a deploy the registry would refuse
+/// to register (a lower semantic version, an older build) never ships. The registry
+/// applies the same rule again when the release is registered.
+pub async fn precheck(
+    client: &RegistryClient,
+    env: &str,
+    service: &str,
+    release: &lockstep_core::Release,
+    force: bool,
+) -> Result<(), PrecheckError> {
+    let current = client.release(env, service).await?;
+    lockstep_core::decide_registration(
+        current.as_ref().map(|c| &c.release),
+        release,
+        lockstep_core::RegistrationKind::Register,
+        force,
+    )?;
+    Ok(())
 }
 
 /// Makes the release before `version_id` expected again, recording that its deploy timed
@@ -430,8 +520,11 @@ mod tests {
             "production",
             "api",
             "new",
-            Duration::from_secs(10),
-            Duration::from_millis(10),
+            Wait {
+                timeout: Duration::from_secs(10),
+                poll: Duration::from_millis(10),
+                empty_grace: Duration::from_secs(10),
+            },
             |p| seen.push(p),
         )
         .await
@@ -444,6 +537,64 @@ mod tests {
                 total: 1
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn wait_for_fleet_on_an_empty_fleet_answers_after_the_grace_not_the_timeout() {
+        let reg = lockstep_testkit::InProcessRegistry::start().await;
+        let client = admin(&reg);
+        register(&client, "new").await;
+        let t0 = std::time::Instant::now();
+        let outcome = wait_for_fleet(
+            &client,
+            "production",
+            "api",
+            "new",
+            Wait {
+                timeout: Duration::from_secs(300),
+                ..Wait::new(Duration::ZERO)
+            },
+            |_| {},
+        )
+        .await
+        .expect("status");
+        assert_eq!(outcome, WaitOutcome::NoInstances { missing: 0 });
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test]
+    async fn precheck_refuses_a_lower_semantic_version_before_anything_runs() {
+        let reg = lockstep_testkit::InProcessRegistry::start().await;
+        let client = admin(&reg);
+        let mut v1 = lockstep_core::Release::new("one");
+        v1.version = Some("v1.0.0".into());
+        let put = lockstep_api::PutRelease {
+            release: v1,
+            force: false,
+        };
+        client
+            .put_release("production", "api", &put)
+            .await
+            .expect("register");
+        let mut older = lockstep_core::Release::new("two");
+        older.version = Some("v0.9.0".into());
+        let err = precheck(&client, "production", "api", &older, false)
+            .await
+            .expect_err("a downgrade");
+        assert!(
+            matches!(
+                err,
+                PrecheckError::Refused(lockstep_core::CoreError::Downgrade { .. })
+            ),
+            "{err:?}"
+        );
+        precheck(&client, "production", "api", &older, true)
+            .await
+            .expect("forced");
+        older.version = Some("v1.0.1".into());
+        precheck(&client, "production", "api", &older, false)
+            .await
+            .expect("an upgrade");
     }
 
     #[tokio::test]
@@ -464,8 +615,11 @@ mod tests {
             "production",
             "api",
             "new",
-            Duration::from_millis(100),
-            Duration::from_millis(20),
+            Wait {
+                timeout: Duration::from_millis(100),
+                poll: Duration::from_millis(20),
+                empty_grace: Duration::from_millis(10),
+            },
             |p| {
                 looks += 1;
                 assert_eq!(

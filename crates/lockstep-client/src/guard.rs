@@ -1,11 +1,22 @@
 //! Startup guards: checks a worker runs before it connects to anything, so that a wrong
 //! binary crashes before it touches a queue.
 //!
-//! In production (`LOCKSTEP_ENV`, `APP_ENV` or `NODE_ENV` set to `production`; unset means
-//! development) a guard refuses to run a debug build, a binary started by `cargo run`, a
-//! binary whose SHA is `unknown`, and one whose SHA (or release id) differs from
-//! `EXPECTED_GIT_SHA` (or `LOCKSTEP_EXPECTED_VERSION`). In development the same findings
-//! only warn. A refusal prints `[version] FATAL: …` lines on stderr and exits 78.
+//! In production a guard refuses to run a debug build, a binary started by `cargo run`, a
+//! process with no release identity at all (its git SHA is `unknown` and no release id was
+//! given), and one whose SHA (or release id) differs from `EXPECTED_GIT_SHA` (or
+//! `LOCKSTEP_EXPECTED_VERSION`). Outside production the same findings only warn. A refusal
+//! prints `[version] FATAL: …` lines on stderr and exits 78.
+//!
+//! **Which environment is production** ([`production_reason`]): an environment named
+//! explicitly as `production` — `lockstep guard --env production`, or `LOCKSTEP_ENV`,
+//! `APP_ENV` or `NODE_ENV` set to `production`. Nothing set at all counts as development,
+//! so a laptop run is warned, not refused; any one of them saying production is enough
+//! (the safe side wins when they disagree).
+//!
+//! [`check_registry`] adds the registry's view: a release other than the expected one, a
+//! token the registry refuses, a URL that is not a registry, and a service with no release
+//! while others have one (a misspelled `--service`) refuse in production; an unreachable
+//! registry only warns (the guards fail open like the watcher).
 
 use lockstep_core::short_id;
 
@@ -36,12 +47,15 @@ pub struct Facts {
     pub cargo_run: bool,
     /// The running binary's git SHA (`unknown` when not baked).
     pub git_sha: String,
-    /// The release id the process claims (`LOCKSTEP_VERSION_ID`), if any.
+    /// The release id the process claims (`LOCKSTEP_VERSION_ID`, `--version-id`), if any.
     pub version_id: Option<String>,
     /// `EXPECTED_GIT_SHA`.
     pub expected_git_sha: Option<String>,
     /// `LOCKSTEP_EXPECTED_VERSION`.
     pub expected_version: Option<String>,
+    /// The facts describe a program in any language run by `lockstep guard`, not a Rust
+    /// binary that linked this library: advice names variables and flags, not build scripts.
+    pub wrapped: bool,
 }
 
 fn env_nonempty(k: &str) -> Option<String> {
@@ -51,11 +65,36 @@ fn env_nonempty(k: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Whether the process environment says production.
-pub fn is_production() -> bool {
+/// Why this process counts as production, e.g. `--env production` or `NODE_ENV=production`;
+/// `None` when it does not. `explicit_env` is an environment named on the command line (or
+/// by `LOCKSTEP_ENV` through it); the variables `LOCKSTEP_ENV`, `APP_ENV` and `NODE_ENV`
+/// are read as well. Unset everywhere counts as development.
+pub fn production_reason(explicit_env: Option<&str>) -> Option<String> {
+    let production = |v: &str| v.trim().eq_ignore_ascii_case("production");
+    if let Some(e) = explicit_env
+        && production(e)
+    {
+        // A command line's --env may have been filled from LOCKSTEP_ENV: name the source.
+        let from_var = env_nonempty("LOCKSTEP_ENV").is_some_and(|v| production(&v));
+        return Some(
+            if from_var {
+                "LOCKSTEP_ENV=production"
+            } else {
+                "--env production"
+            }
+            .into(),
+        );
+    }
     ["LOCKSTEP_ENV", "APP_ENV", "NODE_ENV"]
         .iter()
-        .any(|k| env_nonempty(k).is_some_and(|v| v.eq_ignore_ascii_case("production")))
+        .find(|k| env_nonempty(k).is_some_and(|v| v.eq_ignore_ascii_case("production")))
+        .map(|k| format!("{k}=production"))
+}
+
+/// Whether the process environment says production ([`production_reason`] without a
+/// command line).
+pub fn is_production() -> bool {
+    production_reason(None).is_some()
 }
 
 impl Facts {
@@ -71,6 +110,7 @@ impl Facts {
             version_id: env_nonempty("LOCKSTEP_VERSION_ID"),
             expected_git_sha: env_nonempty("EXPECTED_GIT_SHA"),
             expected_version: env_nonempty("LOCKSTEP_EXPECTED_VERSION"),
+            wrapped: false,
         }
     }
 }
@@ -79,6 +119,8 @@ fn sha_matches(expected: &str, actual: &str) -> bool {
     // A short SHA (≥ 7) given by a deploy matches the full baked one.
     expected == actual || (expected.len() >= 7 && actual.starts_with(expected))
 }
+
+const UNKNOWN: &str = lockstep_core::detect::UNKNOWN;
 
 /// Evaluates the guards.
 pub fn evaluate(f: &Facts) -> Verdict {
@@ -89,20 +131,34 @@ pub fn evaluate(f: &Facts) -> Verdict {
     if f.cargo_run {
         findings.push("started by `cargo run` (a development runner)".to_string());
     }
-    if f.git_sha == lockstep_core::detect::UNKNOWN {
-        findings.push(
-            "the binary's git SHA is unknown; build it with lockstep_build::emit() or set GIT_SHA"
-                .to_string(),
-        );
+    let claimed = f.version_id.as_deref().filter(|v| *v != UNKNOWN);
+    if f.git_sha == UNKNOWN && claimed.is_none() {
+        findings.push(if f.wrapped {
+            "the release is unknown: GIT_SHA is not set and no --version-id (or \
+             LOCKSTEP_VERSION_ID) was given; set GIT_SHA=$(git rev-parse HEAD) where the \
+             worker is built, or pass --version-id"
+                .to_string()
+        } else {
+            "the release is unknown: the binary's git SHA is unknown and LOCKSTEP_VERSION_ID \
+             is not set; bake it with lockstep_build::emit() in build.rs, or set GIT_SHA"
+                .to_string()
+        });
     }
     if let Some(exp) = &f.expected_git_sha
         && !sha_matches(exp, &f.git_sha)
     {
-        findings.push(format!(
-            "git SHA {} differs from EXPECTED_GIT_SHA {}",
-            short_id(&f.git_sha),
-            short_id(exp)
-        ));
+        findings.push(if f.git_sha == UNKNOWN {
+            format!(
+                "EXPECTED_GIT_SHA is {} but the worker's git SHA is unknown (set GIT_SHA)",
+                short_id(exp)
+            )
+        } else {
+            format!(
+                "git SHA {} differs from EXPECTED_GIT_SHA {}",
+                short_id(&f.git_sha),
+                short_id(exp)
+            )
+        });
     }
     if let Some(exp) = &f.expected_version {
         let running = f.version_id.as_deref().unwrap_or(&f.git_sha);
@@ -118,17 +174,28 @@ pub fn evaluate(f: &Facts) -> Verdict {
         (true, _) => Verdict::Pass,
         (false, true) => Verdict::Refuse(findings),
         // Development builds are allowed to be what they are; only say so.
-        (false, false) => Verdict::Warn(findings),
+        (false, false) => Verdict::Warn(
+            findings
+                .into_iter()
+                .map(|l| format!("{l} (allowed outside production)"))
+                .collect(),
+        ),
     }
 }
 
 /// Prints a verdict the way operators grep for it; returns whether to run.
 pub fn report(v: &Verdict) -> bool {
+    report_with(v, None)
+}
+
+/// [`report`], naming what made the environment production in the refusal line (see
+/// [`production_reason`]).
+pub fn report_with(v: &Verdict, production_reason: Option<&str>) -> bool {
     match v {
         Verdict::Pass => true,
         Verdict::Warn(lines) => {
             for l in lines {
-                eprintln!("[version] WARNING: {l} (allowed outside production)");
+                eprintln!("[version] WARNING: {l}");
             }
             true
         }
@@ -136,7 +203,14 @@ pub fn report(v: &Verdict) -> bool {
             for l in lines {
                 eprintln!("[version] FATAL: {l}");
             }
-            eprintln!("[version] FATAL: refusing to start in production (exit {EXIT_REFUSED})");
+            match production_reason {
+                Some(why) => eprintln!(
+                    "[version] FATAL: refusing to start in production ({why}) (exit {EXIT_REFUSED})"
+                ),
+                None => eprintln!(
+                    "[version] FATAL: refusing to start in production (exit {EXIT_REFUSED})"
+                ),
+            }
             false
         }
     }
@@ -144,14 +218,32 @@ pub fn report(v: &Verdict) -> bool {
 
 /// Runs the guards for this process and exits 78 on refusal. Call first thing in `main`.
 pub fn enforce(info: &BuildInfo) {
-    if !report(&evaluate(&Facts::from_env(info))) {
+    if !report_with(
+        &evaluate(&Facts::from_env(info)),
+        production_reason(None).as_deref(),
+    ) {
         std::process::exit(EXIT_REFUSED);
     }
 }
 
-/// Checks the release `version_id` against the registry's expected release of `service`:
-/// stale refuses in production and warns elsewhere; nothing registered passes; a registry
-/// that cannot be asked warns and passes (the guards fail open like the watcher).
+/// A refusal in production, a warning elsewhere.
+fn severe(production: bool, line: String) -> Verdict {
+    if production {
+        Verdict::Refuse(vec![line])
+    } else {
+        Verdict::Warn(vec![format!("{line} (allowed outside production)")])
+    }
+}
+
+/// Checks the release `version_id` against the registry's expected release of `service`.
+///
+/// | the registry says | production | elsewhere |
+/// |---|---|---|
+/// | the expected release is another one | refuse | warn |
+/// | no release for `service`, while `env` has others (a misspelled `--service`?) | refuse, naming them | warn, naming them |
+/// | nothing registered in `env` at all (a first deploy) | warn | warn |
+/// | 401, 403, not a lockstep registry, a malformed request: a setting to fix | refuse | warn |
+/// | cannot be reached, or fails (5xx) | warn and start: the guards fail open like the watcher | warn |
 pub async fn check_registry(
     client: &crate::RegistryClient,
     env: &str,
@@ -170,20 +262,70 @@ pub async fn check_registry(
             if st != lockstep_core::Status::Stale {
                 return Verdict::Pass;
             }
-            let line = format!(
-                "release {} is not the expected {} of {service}",
-                short_id(version_id),
-                short_id(&r.release.version_id)
-            );
-            if production {
-                Verdict::Refuse(vec![line])
-            } else {
-                Verdict::Warn(vec![line])
-            }
+            severe(
+                production,
+                format!(
+                    "release {} is not the expected {} of {service} in {env}",
+                    short_id(version_id),
+                    lockstep_core::describe(&r.release)
+                ),
+            )
         }
-        Ok(None) => Verdict::Pass,
+        Ok(None) => unregistered_service(client, env, service, production).await,
+        Err(e) if e.is_configuration() || e.status() == Some(400) => {
+            severe(production, format!("the registry check failed: {e}"))
+        }
         Err(e) => Verdict::Warn(vec![format!(
-            "cannot check the registry ({e}); starting anyway"
+            "cannot check the registry ({e}); starting anyway (the guards fail open, like the watcher)"
+        )]),
+    }
+}
+
+/// No release is registered for `service` in `env`: a new service, or a misspelled name
+/// that would never be told it is stale. The registry's list of services decides.
+async fn unregistered_service(
+    client: &crate::RegistryClient,
+    env: &str,
+    service: &str,
+    production: bool,
+) -> Verdict {
+    match client.services().await {
+        Ok(index) => {
+            let known = index.services_in(env);
+            if known.is_empty() {
+                let elsewhere: Vec<&str> = index
+                    .environments
+                    .iter()
+                    .filter(|e| e.services.iter().any(|s| s == service))
+                    .map(|e| e.name.as_str())
+                    .collect();
+                let hint = if elsewhere.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({service} is registered in: {})", elsewhere.join(", "))
+                };
+                return Verdict::Warn(vec![format!(
+                    "nothing is registered in environment {env} yet{hint}; {service} runs \
+                     unchecked until a release is registered there"
+                )]);
+            }
+            severe(
+                production,
+                format!(
+                    "no release is registered for service {service} in {env}; known services \
+                     there: {}. A misspelled --service would never be told it is stale: fix \
+                     the name, or register {service} first (lockstep register --service \
+                     {service} --version-id …)",
+                    known.join(", ")
+                ),
+            )
+        }
+        Err(e) if e.is_configuration() => {
+            severe(production, format!("the registry check failed: {e}"))
+        }
+        Err(e) => Verdict::Warn(vec![format!(
+            "no release is registered for {service} in {env}, and the registry cannot list \
+             its services ({e}); starting anyway"
         )]),
     }
 }
@@ -192,8 +334,15 @@ pub async fn check_registry(
 /// refusal. For workers that want "the registry agrees" before they touch a queue.
 pub async fn enforce_with_registry(info: &BuildInfo, cfg: &crate::WatcherConfig) {
     enforce(info);
-    let Ok(client) = crate::RegistryClient::new(&cfg.registry, cfg.token.clone()) else {
-        return;
+    let client = match crate::RegistryClient::new(&cfg.registry, cfg.token.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            let v = severe(is_production(), e.to_string());
+            if !report_with(&v, production_reason(None).as_deref()) {
+                std::process::exit(EXIT_REFUSED);
+            }
+            return;
+        }
     };
     let v = check_registry(
         &client,
@@ -203,7 +352,7 @@ pub async fn enforce_with_registry(info: &BuildInfo, cfg: &crate::WatcherConfig)
         is_production(),
     )
     .await;
-    if !report(&v) {
+    if !report_with(&v, production_reason(None).as_deref()) {
         std::process::exit(EXIT_REFUSED);
     }
 }
@@ -293,6 +442,30 @@ mod tests {
                 },
                 "warn",
             ),
+            // "unknown" means no identity at all: a release id is one.
+            (
+                Facts {
+                    version_id: Some("3f2a9c1e".into()),
+                    ..prod("unknown")
+                },
+                "pass",
+            ),
+            (
+                Facts {
+                    version_id: Some("unknown".into()),
+                    ..prod("unknown")
+                },
+                "refuse",
+            ),
+            // An expected SHA cannot be checked without one.
+            (
+                Facts {
+                    version_id: Some("3f2a9c1e".into()),
+                    expected_git_sha: Some(sha.into()),
+                    ..prod("unknown")
+                },
+                "refuse",
+            ),
         ];
         for (f, want) in cases {
             let got = match evaluate(&f) {
@@ -302,5 +475,47 @@ mod tests {
             };
             assert_eq!(got, want, "{f:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod wording {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_worker_is_told_about_variables_and_flags_not_build_scripts() {
+        let f = Facts {
+            production: true,
+            git_sha: UNKNOWN.into(),
+            wrapped: true,
+            ..Facts::default()
+        };
+        let Verdict::Refuse(lines) = evaluate(&f) else {
+            panic!("refuses");
+        };
+        let text = lines.join("\n");
+        assert!(
+            text.contains("GIT_SHA") && text.contains("--version-id"),
+            "{text}"
+        );
+        assert!(!text.contains("lockstep_build"), "{text}");
+    }
+
+    #[test]
+    fn an_explicit_production_environment_counts() {
+        assert!(production_reason(Some("production")).is_some());
+        assert!(production_reason(Some(" Production ")).is_some());
+    }
+
+    #[test]
+    fn warnings_outside_production_say_so_and_refusals_do_not() {
+        let f = Facts {
+            git_sha: UNKNOWN.into(),
+            ..Facts::default()
+        };
+        let Verdict::Warn(lines) = evaluate(&f) else {
+            panic!("warns");
+        };
+        assert!(lines[0].ends_with("(allowed outside production)"));
     }
 }

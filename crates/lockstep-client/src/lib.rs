@@ -10,6 +10,8 @@
 //! - [`RegistryClient`]: every v1 call, with ordered failover across registry URLs.
 //! - [`deploy`]: the deploy command and its retries, waiting for the fleet, rollback.
 //! - [`verify`]: which instances of a status report pass, and whether the fleet does.
+//! - [`fleet`]: status and history for a scope that must exist (a typo is named as such,
+//!   with the known environments and services).
 //! - [`supervise`]: running a worker in any language, stopping it when it becomes stale.
 //!
 //! Job workers check `watcher.is_current()` before each job and `select!` on
@@ -17,6 +19,7 @@
 
 mod build_info;
 pub mod deploy;
+pub mod fleet;
 pub mod guard;
 mod heartbeat;
 mod layer;

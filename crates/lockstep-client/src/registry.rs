@@ -2,7 +2,7 @@
 
 use lockstep_api::{
     CreateToken, CreatedToken, ErrorBody, EventPage, Heartbeat, HeartbeatAnswer, PutRelease,
-    ReleaseHistory, RollbackRequest, StatusReport, TokenList,
+    ReleaseHistory, RollbackRequest, ServiceIndex, StatusReport, TokenList,
 };
 use lockstep_core::{Role, StoredRelease};
 use reqwest::{Method, StatusCode};
@@ -11,41 +11,145 @@ use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Why a call failed.
+/// Why a call failed, in the words an operator acts on: what is wrong and which setting
+/// fixes it. The HTTP status stays available through [`ClientError::status`].
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No registry URL answered (connection refused, timeout, DNS, TLS).
-    #[error("could not reach the registry ({urls}): {message}")]
+    /// No registry URL answered (connection refused, timeout, DNS, TLS), or a proxy in
+    /// front of it said the registry behind it is down (502, 503 or 504 without a
+    /// lockstep answer).
+    #[error(
+        "could not reach the registry at {urls}: {message} (is `lockstep serve` running \
+         there? the address comes from LOCKSTEP_REGISTRY or --registry)"
+    )]
     Unreachable {
         /// The URLs tried.
         urls: String,
-        /// The last transport error.
+        /// What went wrong, e.g. `connection refused`.
         message: String,
     },
-    /// The registry answered with an error status.
-    #[error("registry answered {status}: {} ({})", body.message, body.error)]
+    /// 401: no token, or one the registry does not know.
+    #[error("{}", unauthorized_text(*token_given))]
+    Unauthorized {
+        /// Whether a token was presented at all.
+        token_given: bool,
+    },
+    /// 403: the token is valid but its role does not allow the call.
+    #[error(
+        "the token's role is too weak: {} (an admin creates a stronger one with \
+         `lockstep token create --name NAME --role ROLE`)", body.message
+    )]
+    Forbidden {
+        /// The registry's answer, naming the role needed.
+        body: ErrorBody,
+    },
+    /// The registry answered and refused or failed: a lockstep error answer.
+    #[error("{}", body.message)]
     Api {
         /// HTTP status.
         status: u16,
-        /// The error body (synthesised when the registry sent none).
+        /// The error body.
         body: ErrorBody,
     },
-    /// The registry answered 2xx with a body that does not parse.
-    #[error("unexpected answer from the registry: {0}")]
-    Decode(String),
+    /// Something answered that is not a lockstep registry (an HTML page, another API, a
+    /// body that does not parse as the answer expected).
+    #[error(
+        "{urls} does not answer like a lockstep registry ({detail}): point LOCKSTEP_REGISTRY \
+         or --registry at `lockstep serve`"
+    )]
+    NotRegistry {
+        /// The URLs asked.
+        urls: String,
+        /// HTTP status of the answer.
+        status: u16,
+        /// What was wrong with it.
+        detail: String,
+    },
     /// A registry URL that does not parse.
-    #[error("invalid registry URL {0:?}: use http://host:port")]
+    #[error("invalid registry URL {0:?}: use http://host:port (LOCKSTEP_REGISTRY or --registry)")]
     BadUrl(String),
 }
 
+fn unauthorized_text(token_given: bool) -> &'static str {
+    if token_given {
+        "the registry does not accept this token (mistyped, revoked, or made for another \
+         registry): check LOCKSTEP_TOKEN or --token"
+    } else {
+        "no token was given: set LOCKSTEP_TOKEN or pass --token (`lockstep serve` prints an \
+         admin token on first start; `lockstep token create` makes narrower ones)"
+    }
+}
+
 impl ClientError {
-    /// The HTTP status of an API error.
+    /// The HTTP status of an answer, when there was one.
     pub fn status(&self) -> Option<u16> {
         match self {
-            ClientError::Api { status, .. } => Some(*status),
+            ClientError::Api { status, .. } | ClientError::NotRegistry { status, .. } => {
+                Some(*status)
+            }
+            ClientError::Unauthorized { .. } => Some(401),
+            ClientError::Forbidden { .. } => Some(403),
+            ClientError::Unreachable { .. } | ClientError::BadUrl(_) => None,
+        }
+    }
+
+    /// The lockstep error code of an answer (`no_release`, `downgrade`, …).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } | ClientError::Forbidden { body } => Some(&body.error),
+            ClientError::Unauthorized { .. } => Some(lockstep_api::codes::UNAUTHORIZED),
             _ => None,
         }
     }
+
+    /// Whether this is a setting to fix rather than an outage or a refusal: no or a wrong
+    /// token, too weak a role, a URL that is not a registry or does not parse. Retrying
+    /// does not help; the CLI exits 2 and the startup guards refuse in production.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unauthorized { .. }
+                | ClientError::Forbidden { .. }
+                | ClientError::NotRegistry { .. }
+                | ClientError::BadUrl(_)
+        )
+    }
+}
+
+/// The cause of a transport error in a few words (`connection refused`, `timed out`,
+/// `cannot resolve the host name`), instead of reqwest's "error sending request for url".
+fn transport_cause(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    let mut innermost = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                K::ConnectionRefused => return "connection refused".into(),
+                K::ConnectionReset => return "the connection was reset".into(),
+                K::TimedOut => return "timed out".into(),
+                K::ConnectionAborted => return "the connection was aborted".into(),
+                _ => {}
+            }
+        }
+        innermost = s.to_string();
+        source = s.source();
+    }
+    let lower = innermost.to_ascii_lowercase();
+    if lower.contains("dns")
+        || lower.contains("failed to lookup")
+        || lower.contains("name or service")
+    {
+        return format!("cannot resolve the host name ({innermost})");
+    }
+    if e.is_connect() {
+        return format!("cannot connect ({innermost})");
+    }
+    innermost
 }
 
 /// A client for one registry or an ordered list of replicas.
@@ -100,6 +204,34 @@ impl RegistryClient {
         })
     }
 
+    /// The error for a non-2xx answer: said in an operator's words when it is lockstep's
+    /// own, "not a registry" when it is not, "unreachable" when a proxy says so.
+    fn api_error(&self, status: StatusCode, bytes: &[u8]) -> ClientError {
+        match (status.as_u16(), lockstep_error(bytes)) {
+            (401, Some(_)) => ClientError::Unauthorized {
+                token_given: self.token.is_some(),
+            },
+            (403, Some(body)) => ClientError::Forbidden { body },
+            (s, Some(body)) => ClientError::Api { status: s, body },
+            (502..=504, None) => ClientError::Unreachable {
+                urls: self.urls(),
+                message: format!(
+                    "a proxy in front of it answered {} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                ),
+            },
+            (s, None) => ClientError::NotRegistry {
+                urls: self.urls(),
+                status: s,
+                detail: format!(
+                    "it answered {s} {} without a lockstep error body",
+                    status.canonical_reason().unwrap_or("")
+                ),
+            },
+        }
+    }
+
     /// The registry URLs, in order.
     pub fn urls(&self) -> String {
         self.bases
@@ -143,7 +275,7 @@ impl RegistryClient {
                 }
                 Err(e) => {
                     tracing::debug!(url = %self.bases[i], error = %e, "registry unreachable, trying the next");
-                    last_err = e.to_string();
+                    last_err = transport_cause(&e);
                 }
             }
         }
@@ -168,9 +300,13 @@ impl RegistryClient {
             message: format!("the connection broke while reading the answer: {e}"),
         })?;
         if !status.is_success() {
-            return Err(api_error(status, &bytes));
+            return Err(self.api_error(status, &bytes));
         }
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::NotRegistry {
+            urls: self.urls(),
+            status: status.as_u16(),
+            detail: format!("its answer does not parse: {e}"),
+        })
     }
 
     async fn call_empty(&self, method: Method, path: &str) -> Result<(), ClientError> {
@@ -180,7 +316,7 @@ impl RegistryClient {
             return Ok(());
         }
         let bytes = resp.bytes().await.unwrap_or_default();
-        Err(api_error(status, &bytes))
+        Err(self.api_error(status, &bytes))
     }
 
     /// The expected release, or `None` when nothing is registered (404 `no_release`).
@@ -252,6 +388,12 @@ impl RegistryClient {
         self.call::<(), _>(Method::GET, "v1/status", &q, None).await
     }
 
+    /// The services with an expected release, per environment (any token may ask).
+    pub async fn services(&self) -> Result<ServiceIndex, ClientError> {
+        self.call::<(), _>(Method::GET, "v1/services", &[], None)
+            .await
+    }
+
     /// Opens the watch stream (`GET /v1/watch`): release changes as SSE events, resuming
     /// after `since` when given. The stream ends when the connection does.
     pub async fn watch(
@@ -314,9 +456,9 @@ impl RegistryClient {
                 Ok(resp) => {
                     let status = resp.status();
                     let bytes = resp.bytes().await.unwrap_or_default();
-                    return Err(api_error(status, &bytes));
+                    return Err(self.api_error(status, &bytes));
                 }
-                Err(e) => last_err = e.to_string(),
+                Err(e) => last_err = transport_cause(&e),
             }
         }
         Err(ClientError::Unreachable {
@@ -368,13 +510,7 @@ fn release_path(env: &str, service: &str) -> String {
     format!("v1/envs/{env}/services/{service}/release")
 }
 
-fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
-    let body = serde_json::from_slice::<ErrorBody>(bytes).unwrap_or_else(|_| ErrorBody {
-        error: "http_error".into(),
-        message: status.canonical_reason().unwrap_or("error").to_string(),
-    });
-    ClientError::Api {
-        status: status.as_u16(),
-        body,
-    }
+/// An error body is lockstep's when it is `{"error", "message"}` JSON.
+fn lockstep_error(bytes: &[u8]) -> Option<ErrorBody> {
+    serde_json::from_slice::<ErrorBody>(bytes).ok()
 }

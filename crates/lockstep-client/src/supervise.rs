@@ -55,6 +55,29 @@ pub enum SuperviseError {
     Io(#[from] std::io::Error),
 }
 
+impl SuperviseError {
+    /// The exit code a shell would end with for this failure: 127 when the program does
+    /// not exist, 126 when it exists but cannot be executed, 2 for an empty command line,
+    /// 1 otherwise. Process supervisors read 126/127 as "will not get better by
+    /// restarting".
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SuperviseError::Spawn { source, .. } => spawn_exit_code(source),
+            SuperviseError::NoCommand => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// 127 for a program that does not exist, 126 for one that cannot be executed (as `sh`).
+pub fn spawn_exit_code(e: &std::io::Error) -> u8 {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
 /// What to do when the child's release stops being the expected one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnStale {
@@ -272,6 +295,14 @@ mod tests {
             .await
             .expect_err("cannot start");
         assert!(matches!(err, SuperviseError::Spawn { .. }), "{err:?}");
+        assert_eq!(err.exit_code(), 127, "not found, as a shell says it");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("not-executable");
+        std::fs::write(&plain, "#!/bin/sh\n").expect("write");
+        let err = run(&[plain.display().to_string()], "v", None, STOP, |_| {})
+            .await
+            .expect_err("cannot execute");
+        assert_eq!(err.exit_code(), 126, "{err:?}");
         let err = run(&[], "v", None, STOP, |_| {}).await.expect_err("empty");
         assert!(matches!(err, SuperviseError::NoCommand));
     }

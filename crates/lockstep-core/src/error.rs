@@ -16,11 +16,21 @@ pub enum CoreError {
     /// A version id that is empty, too long or contains whitespace or control characters.
     #[error("invalid version_id: {0}")]
     InvalidVersionId(&'static str),
-    /// The new release is older (by `build_date`) than the expected one.
+    /// The new release is older than the expected one: a lower semantic `version` when both
+    /// labels are semantic versions, else an earlier `build_date`.
     #[error(
-        "refusing a downgrade: the new release was built before the expected one (use force or a rollback)"
+        "refusing a downgrade: {new} is older than the expected {current} (by {by}); \
+         register it anyway with --force (\"force\": true in the API), or make an earlier \
+         release expected again with `lockstep rollback --to VERSION_ID`"
     )]
-    Downgrade,
+    Downgrade {
+        /// The expected release: version label and short id, e.g. `v1.0.0 (3f2a9c1e)`.
+        current: String,
+        /// The refused release, described the same way.
+        new: String,
+        /// What showed it older: `semantic version` or `build date`.
+        by: &'static str,
+    },
     /// Rolling back from a release that ran a migration an older release cannot read.
     #[error(
         "the expected release is marked rollback_safe=false; force the rollback if you are sure"

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod names;
 pub mod release;
 pub mod role;
+pub mod semver;
 
 pub use duration::{format_secs, parse_duration};
 pub use error::CoreError;
@@ -19,7 +20,7 @@ pub use instance::{Instance, Status, StatusCounts, drift_secs, instance_status};
 pub use names::{short_id, validate_name, validate_version_id};
 pub use release::{
     Decision, HistoryEntry, RegistrationKind, Release, StoredRelease, decide_registration,
-    releases_agree, rollback_target,
+    describe, older_by, releases_agree, rollback_target,
 };
 pub use role::Role;
 

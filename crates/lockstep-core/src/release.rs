@@ -170,8 +170,35 @@ pub enum Decision {
     Apply,
 }
 
+/// `v1.0.0 (3f2a9c1e)`, or the short id alone: how a refusal names a release (logs and
+/// answers may show only the first 8 characters of a version id).
+pub fn describe(r: &Release) -> String {
+    match &r.version {
+        Some(v) => format!("{v} ({})", crate::short_id(&r.version_id)),
+        None => crate::short_id(&r.version_id).to_string(),
+    }
+}
+
+/// Whether `new` is older than `current`, and by what evidence: the semantic versions of
+/// their `version` labels when both parse and differ (`v0.9.0` after `v1.0.0`), otherwise
+/// their build dates when both have one. Equal versions or missing evidence: not older.
+pub fn older_by(current: &Release, new: &Release) -> Option<&'static str> {
+    if let (Some(a), Some(b)) = (&current.version, &new.version)
+        && let Some(order) = crate::semver::compare(b, a)
+        && order != std::cmp::Ordering::Equal
+    {
+        return (order == std::cmp::Ordering::Less).then_some("semantic version");
+    }
+    match (current.build_date, new.build_date) {
+        (Some(old), Some(newer)) if newer < old => Some("build date"),
+        _ => None,
+    }
+}
+
 /// The registration rules, shared by every store backend so they decide alike inside
-/// their own transaction.
+/// their own transaction: re-registering the expected release changes nothing; a
+/// registration older than the expected release ([`older_by`]) is refused unless forced;
+/// a rollback from a release that is not rollback-safe needs force.
 pub fn decide_registration(
     current: Option<&Release>,
     new: &Release,
@@ -186,11 +213,14 @@ pub fn decide_registration(
     }
     match kind {
         RegistrationKind::Register => {
-            if let (Some(old), Some(newer)) = (current.build_date, new.build_date)
-                && newer < old
+            if let Some(by) = older_by(current, new)
                 && !force
             {
-                return Err(CoreError::Downgrade);
+                return Err(CoreError::Downgrade {
+                    current: describe(current),
+                    new: describe(new),
+                    by,
+                });
             }
         }
         RegistrationKind::Rollback => {
@@ -272,10 +302,13 @@ mod tests {
         let cur = rel("new", Some(datetime!(2026-11-02 0:00 UTC)));
         let old = rel("old", Some(datetime!(2026-11-01 0:00 UTC)));
         let reg = RegistrationKind::Register;
-        assert_eq!(
+        assert!(matches!(
             decide_registration(Some(&cur), &old, reg, false),
-            Err(CoreError::Downgrade)
-        );
+            Err(CoreError::Downgrade {
+                by: "build date",
+                ..
+            })
+        ));
         assert_eq!(
             decide_registration(Some(&cur), &old, reg, true),
             Ok(Decision::Apply)
@@ -287,6 +320,77 @@ mod tests {
         // Without build dates there is nothing to compare: allowed.
         assert_eq!(
             decide_registration(Some(&rel("x", None)), &rel("y", None), reg, false),
+            Ok(Decision::Apply)
+        );
+    }
+
+    fn labelled(id: &str, version: &str, built: Option<OffsetDateTime>) -> Release {
+        let mut r = rel(id, built);
+        r.version = Some(version.into());
+        r
+    }
+
+    /// `(expected label, new label)` → the decision on registering the new one, without
+    /// build dates.
+    fn check_versions(current: &str, new: &str, expect: Result<Decision, &str>) {
+        let got = decide_registration(
+            Some(&labelled("cur", current, None)),
+            &labelled("new", new, None),
+            RegistrationKind::Register,
+            false,
+        );
+        match (got, expect) {
+            (Ok(d), Ok(e)) => assert_eq!(d, e, "{current} -> {new}"),
+            (Err(CoreError::Downgrade { by, .. }), Err(e)) => {
+                assert_eq!(by, e, "{current} -> {new}")
+            }
+            (got, _) => panic!("{current} -> {new}: {got:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lower_semantic_version_is_a_downgrade() {
+        check_versions("v1.0.0", "v0.9.0", Err("semantic version"));
+        check_versions("v1.10.0", "v1.9.9", Err("semantic version"));
+        check_versions("1.0.0", "1.0.0-rc.1", Err("semantic version"));
+        check_versions("v1.0.0", "v1.0.1", Ok(Decision::Apply));
+        check_versions("v1.0.0", "v1.0.0", Ok(Decision::Apply));
+        check_versions("v1.0.0", "dev-b7e4c27", Ok(Decision::Apply));
+    }
+
+    #[test]
+    fn semantic_versions_win_over_build_dates_when_both_parse() {
+        let early = Some(datetime!(2026-11-01 0:00 UTC));
+        let late = Some(datetime!(2026-11-02 0:00 UTC));
+        let reg = RegistrationKind::Register;
+        // v0.9.0 rebuilt today is still older than v1.0.0.
+        let cur = labelled("a", "v1.0.0", early);
+        let err = decide_registration(Some(&cur), &labelled("b", "v0.9.0", late), reg, false);
+        let Err(CoreError::Downgrade { current, new, by }) = err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            (current.as_str(), new.as_str(), by),
+            ("v1.0.0 (a)", "v0.9.0 (b)", "semantic version")
+        );
+        let msg = CoreError::Downgrade { current, new, by }.to_string();
+        assert!(
+            msg.contains("--force") && msg.contains("v1.0.0 (a)") && msg.contains("v0.9.0 (b)"),
+            "{msg}"
+        );
+        // v2.0.0 built before v1.9.9 is still newer.
+        let cur = labelled("a", "v1.9.9", late);
+        assert_eq!(
+            decide_registration(Some(&cur), &labelled("b", "v2.0.0", early), reg, false),
+            Ok(Decision::Apply)
+        );
+        // Equal labels: the build dates decide.
+        let cur = labelled("a", "v1.0.0", late);
+        assert!(
+            decide_registration(Some(&cur), &labelled("b", "v1.0.0", early), reg, false).is_err()
+        );
+        assert_eq!(
+            decide_registration(Some(&cur), &labelled("b", "v0.1.0", early), reg, true),
             Ok(Decision::Apply)
         );
     }

@@ -84,7 +84,7 @@ impl IntoResponse for ApiError {
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
         match e {
-            CoreError::Downgrade => ApiError::Conflict(codes::DOWNGRADE, e.to_string()),
+            CoreError::Downgrade { .. } => ApiError::Conflict(codes::DOWNGRADE, e.to_string()),
             CoreError::NotRollbackSafe => {
                 ApiError::Conflict(codes::NOT_ROLLBACK_SAFE, e.to_string())
             }

@@ -111,6 +111,7 @@ impl Registry {
             .route("/v1/instances", post(instances::heartbeat))
             .route("/v1/instances/{id}", delete(instances::deregister))
             .route("/v1/status", get(status::status))
+            .route("/v1/services", get(status::services))
             .route("/v1/events", get(admin::events))
             .route("/v1/events/stream", get(stream::event_stream))
             .route(

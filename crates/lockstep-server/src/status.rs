@@ -1,10 +1,12 @@
 //! `GET /v1/status`: every environment, service, expected release and instance with its
-//! status and drift, computed from the in-memory state at the moment of the call.
+//! status and drift, computed from the in-memory state at the moment of the call; and
+//! `GET /v1/services`, the names alone, readable with a worker token.
 
 use axum::Json;
 use axum::extract::{Query, State};
 use lockstep_api::{
-    EnvStatus, ErrorBody, InstanceStatus, RegistryInfo, ServiceStatus, StatusReport,
+    EnvServices, EnvStatus, ErrorBody, InstanceStatus, RegistryInfo, ServiceIndex, ServiceStatus,
+    StatusReport,
 };
 use lockstep_core::{StatusCounts, drift_secs, instance_status, validate_name};
 use serde::Deserialize;
@@ -137,4 +139,29 @@ pub async fn status(
         validate_name("service", s)?;
     }
     Ok(Json(report(&st, &q)?))
+}
+
+/// The services with an expected release, per environment (names only: any token).
+#[utoipa::path(get, path = "/v1/services", tag = "status",
+    responses((status = 200, body = ServiceIndex), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn services(
+    Auth(_who, _): Auth<auth::Worker>,
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<ServiceIndex>, ApiError> {
+    let mut tree: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for change in st.service.projection().all_expected()? {
+        tree.entry(change.release.env.clone())
+            .or_default()
+            .push(change.release.service.clone());
+    }
+    Ok(Json(ServiceIndex {
+        environments: tree
+            .into_iter()
+            .map(|(name, mut services)| {
+                services.sort();
+                EnvServices { name, services }
+            })
+            .collect(),
+    }))
 }

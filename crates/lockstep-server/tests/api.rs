@@ -1053,3 +1053,29 @@ async fn state_survives_a_graceful_restart_including_unflushed_heartbeats() {
         "i-1"
     );
 }
+
+#[tokio::test]
+async fn any_token_may_list_the_registered_services_by_name() {
+    let reg = InProcessRegistry::start().await;
+    for (env, svc) in [
+        ("production", "extractor"),
+        ("production", "api"),
+        ("staging", "beta"),
+    ] {
+        reg.admin()
+            .put_release(env, svc, &release("v1"))
+            .await
+            .expect("register");
+    }
+    let worker = reg.token("w", Role::Worker).await;
+    let index = reg
+        .client(&worker)
+        .services()
+        .await
+        .expect("a worker may list");
+    assert_eq!(index.services_in("production"), ["api", "extractor"]);
+    assert_eq!(index.services_in("staging"), ["beta"]);
+    assert!(index.services_in("nowhere").is_empty());
+    let err = reg.client("lst_nope").services().await.expect_err("401");
+    assert_eq!(err.status(), Some(401));
+}

@@ -156,7 +156,7 @@ async fn downgrades_are_refused_unless_forced(store: &dyn Store) {
     assert!(
         matches!(
             err,
-            Err(StoreError::Rule(lockstep_core::CoreError::Downgrade))
+            Err(StoreError::Rule(lockstep_core::CoreError::Downgrade { .. }))
         ),
         "a downgrade must be refused, got {err:?}"
     );

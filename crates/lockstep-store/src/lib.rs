@@ -10,11 +10,13 @@
 
 pub mod conformance;
 mod error;
+pub mod lock;
 mod migrations;
 pub mod postgres;
 pub mod sqlite;
 
 pub use error::StoreError;
+pub use lock::{DataDirLock, LockError};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -245,3 +245,30 @@ fn a_debug_build_refuses_to_start_in_production() {
         assert!(o.stdout.is_empty(), "it never got as far as listening");
     }
 }
+
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    // An unreachable registry makes the worker log warnings at once.
+    let mut child = Command::new(WORKER)
+        .env("LOCKSTEP_SERVICE", "api")
+        .env("LOCKSTEP_VERSION_ID", V1)
+        .env("LOCKSTEP_REGISTRY", "http://127.0.0.1:9")
+        .env("RUST_LOG", "info")
+        .env_remove("LOCKSTEP_ENV")
+        .env_remove("APP_ENV")
+        .env_remove("NODE_ENV")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn axum-worker");
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("INFO") || err.contains("WARN"),
+        "it logged: {err}"
+    );
+    assert!(!err.contains('\u{1b}'), "no ANSI escape codes: {err:?}");
+}
