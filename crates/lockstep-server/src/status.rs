@@ -143,7 +143,10 @@ pub async fn status(
 
 /// The services with an expected release, per environment (names only: any token).
 #[utoipa::path(get, path = "/v1/services", tag = "status",
-    responses((status = 200, body = ServiceIndex), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 200, description = "the environments and their services' names", body = ServiceIndex),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn services(
     Auth(_who, _): Auth<auth::Worker>,

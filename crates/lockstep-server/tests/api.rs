@@ -912,7 +912,10 @@ async fn the_openapi_description_declares_query_parameters_in_the_query_and_desc
             }
         }
     }
-    assert_eq!(operations, 16);
+    assert_eq!(
+        operations, 17,
+        "every operation of the API, GET /v1/services included"
+    );
 }
 
 #[tokio::test]

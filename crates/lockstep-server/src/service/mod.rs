@@ -127,6 +127,12 @@ impl RegistryService {
                 })
                 .await
             {
+                Ok(Some(_)) if generated.is_some() => {
+                    tracing::info!(
+                        name = BOOTSTRAP_TOKEN_NAME,
+                        "first start: generated a bootstrap admin token (printed once on stdout)"
+                    );
+                }
                 Ok(Some(_)) if !had_admin => {
                     tracing::warn!(
                         name = BOOTSTRAP_TOKEN_NAME,
