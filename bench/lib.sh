@@ -2,7 +2,9 @@
 # temporary data dir, clean up on exit. Source it; it sets ROOT, BIN, TOKEN and uses WORK.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release/lockstep"
+# LOCKSTEP_BENCH_BIN=/path/to/an/older/lockstep measures another build with the same
+# scripts (same-run comparisons with an earlier commit).
+BIN="${LOCKSTEP_BENCH_BIN:-$ROOT/target/release/lockstep}"
 TOKEN="bench-admin-token"
 WORK="$(mktemp -d /tmp/lockstep-bench.XXXXXX)"
 chmod 755 "$WORK"  # nginx workers (www-data) read the static file from here
