@@ -87,11 +87,24 @@ impl SqliteStore {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await
-            .map_err(open_err)?;
+        // Switching a new file to WAL takes a lock that `busy_timeout` does not cover (it
+        // is set on the connection after the journal mode), so a handle opening the same
+        // file at the same moment can see "database is locked": retry that briefly.
+        let mut attempt = 0;
+        let writer = loop {
+            match SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await
+            {
+                Ok(pool) => break pool,
+                Err(e) if attempt < 50 && is_busy(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt.min(10))).await;
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        };
         let store_writer = writer.clone();
         migrate(&store_writer).await?;
         let reader = SqlitePoolOptions::new()
@@ -123,6 +136,14 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.reader.close().await;
         self.writer.close().await;
+    }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock right now.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("5") | Some("6")),
+        _ => false,
     }
 }
 
