@@ -47,13 +47,6 @@ impl Change {
     }
 }
 
-/// An instance's soft state as this replica knows it.
-#[derive(Debug, Clone)]
-pub struct Tracked {
-    /// What its heartbeats said.
-    pub instance: Instance,
-}
-
 /// A lock was poisoned by a panic: the state behind it cannot be trusted, so callers
 /// answer 503 rather than guess (never "no release", which would make workers serve).
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +77,7 @@ pub struct Projection {
     releases: RwLock<HashMap<String, HashMap<String, Arc<Change>>>>,
     /// Valid tokens.
     pub tokens: TokenSet,
-    instances: Mutex<HashMap<String, Tracked>>,
+    instances: Mutex<HashMap<String, Instance>>,
     /// Instance ids changed by local heartbeats since the last flush.
     dirty: Mutex<HashSet<String>>,
     changes: broadcast::Sender<Arc<Change>>,
@@ -151,10 +144,7 @@ impl Projection {
 
     /// A copy of every known instance.
     pub fn instances(&self) -> Result<Vec<Instance>, Poisoned> {
-        Ok(lock(&self.instances)?
-            .values()
-            .map(|t| t.instance.clone())
-            .collect())
+        Ok(lock(&self.instances)?.values().cloned().collect())
     }
 
     /// Subscribes to release changes.
@@ -298,13 +288,11 @@ impl Projection {
                     d.remove(id);
                 }
                 if let (Some(t), Some(sink)) = (removed, self.sink()) {
-                    sink.removed(&t.instance);
+                    sink.removed(&t);
                 }
             }
             "instance_missing" => {
-                let inst = lock(&self.instances)
-                    .ok()
-                    .and_then(|m| m.get(id).map(|t| t.instance.clone()));
+                let inst = lock(&self.instances).ok().and_then(|m| m.get(id).cloned());
                 if let (Some(i), Some(sink)) = (inst, self.sink()) {
                     sink.removed(&i);
                 }
@@ -339,18 +327,22 @@ impl Projection {
         let Ok(mut map) = lock(&self.instances) else {
             return;
         };
-        let dirty = lock(&self.dirty).map(|d| d.clone()).unwrap_or_default();
+        // Held while merging (instances, then dirty: the order every other path uses or
+        // never nests), rather than copying the whole dirty set every poll.
+        let Ok(dirty) = lock(&self.dirty) else {
+            return;
+        };
         for c in page {
             match c.instance {
                 Some(inst) => {
                     let newer = map
                         .get(&c.instance_id)
-                        .is_none_or(|t| inst.last_seen >= t.instance.last_seen);
+                        .is_none_or(|t| inst.last_seen >= t.last_seen);
                     if newer {
                         if let Some(s) = &sink {
                             s.upserted(&inst);
                         }
-                        map.insert(c.instance_id, Tracked { instance: inst });
+                        map.insert(c.instance_id, inst);
                     }
                 }
                 None => {
@@ -358,7 +350,7 @@ impl Projection {
                         && let Some(t) = map.remove(&c.instance_id)
                         && let Some(s) = &sink
                     {
-                        s.removed(&t.instance);
+                        s.removed(&t);
                     }
                 }
             }
@@ -373,8 +365,8 @@ impl Projection {
         update: impl FnOnce(Option<&Instance>) -> (Instance, R),
     ) -> Result<R, Poisoned> {
         let mut map = lock(&self.instances)?;
-        let (inst, r) = update(map.get(id).map(|t| &t.instance));
-        map.insert(id.to_string(), Tracked { instance: inst });
+        let (inst, r) = update(map.get(id));
+        map.insert(id.to_string(), inst);
         drop(map);
         lock(&self.dirty)?.insert(id.to_string());
         Ok(r)
@@ -404,10 +396,7 @@ impl Projection {
     pub fn take_dirty(&self) -> Result<Vec<Instance>, Poisoned> {
         let ids: Vec<String> = lock(&self.dirty)?.drain().collect();
         let map = lock(&self.instances)?;
-        Ok(ids
-            .iter()
-            .filter_map(|id| map.get(id).map(|t| t.instance.clone()))
-            .collect())
+        Ok(ids.iter().filter_map(|id| map.get(id).cloned()).collect())
     }
 
     /// Puts back instances whose flush failed, unless they were replaced meanwhile.
