@@ -12,14 +12,9 @@ use lockstep_core::Instance;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::{MARKER_FIELD, MARKER_VALUE, instance_key, version_key};
+use lockstep_core::is_git_sha;
 
-/// Whether a release id is a git commit SHA (7 to 40 hex digits), which the mirror then
-/// writes as `gitSha` when the instance reported no SHA of its own: a verify script that
-/// compares `gitSha` with the deployed commit must see it.
-pub(crate) fn is_git_sha(s: &str) -> bool {
-    (7..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
+use crate::{MARKER_FIELD, MARKER_VALUE, instance_key, version_key};
 
 /// What the mirror keeps of an instance: only what the hash fields and the expiry need, so a
 /// queued operation stays small and cheap to record on the caller's thread.
