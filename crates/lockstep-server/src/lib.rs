@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+pub mod compat;
 mod error;
 mod instances;
 mod json;
@@ -19,6 +20,7 @@ mod status;
 mod stream;
 
 pub use auth::{generate_token, hash_token};
+pub use compat::CompatConfig;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use service::{BOOTSTRAP_TOKEN_NAME, RegistryError, RegistryService};
@@ -51,6 +53,8 @@ pub struct Registry {
     shutdown_tx: watch::Sender<bool>,
     /// The bootstrap admin token when it was generated now (first start): print it once.
     pub generated_admin_token: Option<String>,
+    /// The source system's VersionManager routes, when enabled ([`Registry::with_compat`]).
+    compat: Option<CompatConfig>,
 }
 
 impl Registry {
@@ -84,7 +88,15 @@ impl Registry {
             state,
             shutdown_tx,
             generated_admin_token: generated,
+            compat: None,
         })
+    }
+
+    /// Also serves the source system's VersionManager routes (`serve --compat authrim`),
+    /// registering into and reading from `compat.env`; see [`compat`].
+    pub fn with_compat(mut self, compat: CompatConfig) -> Self {
+        self.compat = Some(compat);
+        self
     }
 
     /// The registry service behind the API (for in-process callers and tests).
@@ -129,9 +141,11 @@ impl Registry {
                     }),
                 )
             });
-        Router::new()
-            .merge(v1)
-            .route("/healthz", get(admin::healthz))
+        let mut root = Router::new().merge(v1);
+        if let Some(compat) = &self.compat {
+            root = root.merge(compat::router(compat, self.state.clone()));
+        }
+        root.route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(admin::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
