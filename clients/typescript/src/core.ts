@@ -192,13 +192,25 @@ export class VersionChecker {
    * at most once per `cacheTtlMs`, shared by every request waiting meanwhile.
    */
   async checkVersion(request: Request): Promise<Response | null> {
+    return this.decide(request);
+  }
+
+  /**
+   * [`checkVersion`] without a promise when the cached answer is fresh (the common case), so
+   * a warm check costs a few comparisons and no extra microtask; a promise only when a
+   * registry read is due or running.
+   */
+  decide(request: Request): Response | null | Promise<Response | null> {
     if (!this.enabled) return null;
     if (this.options.exempt?.length) {
       const path = new URL(request.url).pathname;
       if (pathIsExempt(path, this.options.exempt)) return null;
     }
-    await this.fresh();
-    return this.isCurrent() ? null : staleResponse();
+    const now = Date.now();
+    if (this.pushConnected || (this.readAt !== 0 && now - this.readAt < this.ttl && !this.inflight)) {
+      return this.isCurrent(now) ? null : staleResponse();
+    }
+    return this.fresh(now).then(() => (this.isCurrent() ? null : staleResponse()));
   }
 
   /** Makes sure the cached answer is at most `cacheTtlMs` old (one shared read if not). */

@@ -20,9 +20,10 @@ export type VersionCheckHandler = (c: HonoLikeContext, next: () => Promise<void>
 export function versionCheck(options: VersionCheckOptions | VersionChecker): VersionCheckHandler {
   const checker = options instanceof VersionChecker ? options : new VersionChecker(options);
   return async (c, next) => {
-    const refused = await checker.checkVersion(c.req.raw);
+    const decided = checker.decide(c.req.raw);
+    const refused = decided instanceof Promise ? await decided : decided;
     if (refused) return refused;
-    await next();
+    return next();
   };
 }
 
@@ -123,8 +124,9 @@ export function versionCheckMiddleware(workerName: string): VersionCheckHandler 
       checker = new VersionChecker(options);
       checkers.set(key, checker);
     }
-    const refused = await checker.checkVersion(c.req.raw);
+    const decided = checker.decide(c.req.raw);
+    const refused = decided instanceof Promise ? await decided : decided;
     if (refused) return refused;
-    await next();
+    return next();
   };
 }

@@ -1,8 +1,16 @@
 // The middleware on Node, in a Hono app, against a real `lockstep serve`.
 import { Hono } from "hono";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { STALE_BODY, VersionChecker, pathIsExempt, versionCheck, versionCheckMiddleware, type Logger } from "../src/index.js";
-import { countingProxy, startRegistry, within, type Registry } from "./registry.js";
+import {
+  STALE_BODY,
+  VersionChecker,
+  pathIsExempt,
+  startHeartbeats,
+  versionCheck,
+  versionCheckMiddleware,
+  type Logger,
+} from "../src/index.js";
+import { ADMIN_TOKEN, countingProxy, startRegistry, within, type Registry } from "./registry.js";
 
 const V1 = "11111111-aaaa-4bbb-8ccc-000000000001";
 const V2 = "22222222-aaaa-4bbb-8ccc-000000000002";
@@ -157,5 +165,26 @@ describe("the registry going away", () => {
       expect(await c.checkVersion(new Request("http://w/"))).toBeNull();
       await new Promise((r) => setTimeout(r, 20));
     }
+  });
+});
+
+describe("heartbeats", () => {
+  async function instances(service: string): Promise<Array<{ instance_id: string; status: string }>> {
+    const res = await fetch(`${reg.url}/v1/status?service=${service}`, {
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+    });
+    const body = (await res.json()) as { environments: Array<{ services: Array<{ instances: Array<{ instance_id: string; status: string }> }> }> };
+    return body.environments.flatMap((e) => e.services).flatMap((s) => s.instances);
+  }
+
+  test("startHeartbeats registers the instance with its status and stop() deregisters it", async () => {
+    const s = svc();
+    await reg.register(s, V1);
+    const beats = startHeartbeats({ registry: reg.url, token: workerToken, service: s, versionId: V1, pid: 4242 });
+    await within(5000, async () => beats.last()?.status === "current");
+    // Heartbeats are batched into the store; the status shows it within about a second.
+    await within(5000, async () => (await instances(s)).some((i) => i.instance_id === beats.instanceId));
+    await beats.stop();
+    await within(5000, async () => (await instances(s)).length === 0);
   });
 });
