@@ -184,8 +184,7 @@ fn base_package(word: &str) -> &str {
     if word.starts_with('@') {
         return word;
     }
-    let word = word.split('/').next().unwrap_or(word);
-    word
+    word.split('/').next().unwrap_or(word)
 }
 
 fn is_runner_package(word: &str) -> bool {

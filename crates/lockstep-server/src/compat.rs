@@ -103,12 +103,25 @@ fn bad_request() -> Response {
     error(StatusCode::BAD_REQUEST, "Bad Request")
 }
 
-/// Checks the bearer token for `role`, answering in the source system's shape.
-fn authorize(st: &CompatState, headers: &HeaderMap, role: Role) -> Result<String, Response> {
+/// Why a token was not accepted; answered in the source system's shape by [`denied`].
+enum Denied {
+    Unauthorized,
+    Forbidden,
+}
+
+fn denied(d: Denied) -> Response {
+    match d {
+        Denied::Unauthorized => error(StatusCode::UNAUTHORIZED, "Unauthorized"),
+        Denied::Forbidden => error(StatusCode::FORBIDDEN, "Forbidden"),
+    }
+}
+
+/// Checks the bearer token for `role`; the token's name is the actor of a registration.
+fn authorize(st: &CompatState, headers: &HeaderMap, role: Role) -> Result<String, Denied> {
     match st.app.service.projection().tokens.authorize(headers, role) {
         Ok(p) => Ok(p.name),
-        Err(ApiError::Forbidden(_)) => Err(error(StatusCode::FORBIDDEN, "Forbidden")),
-        Err(_) => Err(error(StatusCode::UNAUTHORIZED, "Unauthorized")),
+        Err(ApiError::Forbidden(_)) => Err(Denied::Forbidden),
+        Err(_) => Err(Denied::Unauthorized),
     }
 }
 
@@ -144,7 +157,7 @@ async fn register(
 ) -> Response {
     let actor = match authorize(&st, &headers, Role::Deployer) {
         Ok(a) => a,
-        Err(resp) => return resp,
+        Err(d) => return denied(d),
     };
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return bad_request();
@@ -215,8 +228,8 @@ fn epoch_millis(t: OffsetDateTime) -> i64 {
 
 /// `GET /api/internal/version-manager/status`: every worker of the compat environment.
 async fn status(State(st): State<Arc<CompatState>>, headers: HeaderMap) -> Response {
-    if let Err(resp) = authorize(&st, &headers, Role::Viewer) {
-        return resp;
+    if let Err(d) = authorize(&st, &headers, Role::Viewer) {
+        return denied(d);
     }
     let Ok(all) = st.app.service.projection().all_expected() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
@@ -241,8 +254,8 @@ async fn version(
     Path(worker): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = authorize(&st, &headers, Role::Worker) {
-        return resp;
+    if let Err(d) = authorize(&st, &headers, Role::Worker) {
+        return denied(d);
     }
     match st.app.service.projection().expected(&st.env, &worker) {
         Ok(Some(change)) => Json(entry(&change.release)).into_response(),
