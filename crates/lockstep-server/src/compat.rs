@@ -24,7 +24,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use lockstep_api::PutRelease;
@@ -117,10 +117,16 @@ fn denied(d: Denied) -> Response {
 }
 
 /// Checks the bearer token for `role`; the token's name is the actor of a registration.
-fn authorize(st: &CompatState, headers: &HeaderMap, role: Role) -> Result<String, Denied> {
-    match st.app.service.projection().tokens.authorize(headers, role) {
+fn authorize(
+    st: &CompatState,
+    method: &Method,
+    headers: &HeaderMap,
+    role: Role,
+) -> Result<String, Denied> {
+    let tokens = &st.app.service.projection().tokens;
+    match crate::auth::authorize(tokens, method, headers, role) {
         Ok(p) => Ok(p.name),
-        Err(ApiError::Forbidden(_)) => Err(Denied::Forbidden),
+        Err(ApiError::Forbidden(_) | ApiError::Csrf) => Err(Denied::Forbidden),
         Err(_) => Err(Denied::Unauthorized),
     }
 }
@@ -152,10 +158,11 @@ fn field<'a>(body: &'a Value, name: &str) -> Option<&'a str> {
 async fn register(
     State(st): State<Arc<CompatState>>,
     Path(worker): Path<String>,
+    method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let actor = match authorize(&st, &headers, Role::Deployer) {
+    let actor = match authorize(&st, &method, &headers, Role::Deployer) {
         Ok(a) => a,
         Err(d) => return denied(d),
     };
@@ -227,8 +234,12 @@ fn epoch_millis(t: OffsetDateTime) -> i64 {
 }
 
 /// `GET /api/internal/version-manager/status`: every worker of the compat environment.
-async fn status(State(st): State<Arc<CompatState>>, headers: HeaderMap) -> Response {
-    if let Err(d) = authorize(&st, &headers, Role::Viewer) {
+async fn status(
+    State(st): State<Arc<CompatState>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(d) = authorize(&st, &method, &headers, Role::Viewer) {
         return denied(d);
     }
     let Ok(all) = st.app.service.projection().all_expected() else {
@@ -252,9 +263,10 @@ async fn status(State(st): State<Arc<CompatState>>, headers: HeaderMap) -> Respo
 async fn version(
     State(st): State<Arc<CompatState>>,
     Path(worker): Path<String>,
+    method: Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(d) = authorize(&st, &headers, Role::Worker) {
+    if let Err(d) = authorize(&st, &method, &headers, Role::Worker) {
         return denied(d);
     }
     match st.app.service.projection().expected(&st.env, &worker) {

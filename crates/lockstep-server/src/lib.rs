@@ -10,8 +10,10 @@ mod admin;
 mod auth;
 pub mod compat;
 mod error;
+mod instance_stream;
 mod instances;
 mod json;
+mod metrics;
 mod openapi;
 mod releases;
 pub mod service;
@@ -19,10 +21,11 @@ mod state;
 mod status;
 mod stream;
 
-pub use auth::{generate_token, hash_token};
+pub use auth::csrf_token;
 pub use compat::CompatConfig;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
+pub use service::tokens::{generate_token, hash_token};
 pub use service::{BOOTSTRAP_TOKEN_NAME, RegistryError, RegistryService};
 pub use state::{Config, default_replica_id};
 
@@ -83,6 +86,7 @@ impl Registry {
             config,
             shutdown: shutdown_rx,
             counters: Counters::default(),
+            http: Default::default(),
         });
         Ok(Registry {
             state,
@@ -121,6 +125,7 @@ impl Registry {
             )
             .route("/v1/watch", get(stream::watch))
             .route("/v1/instances", post(instances::heartbeat))
+            .route("/v1/instances/watch", get(instance_stream::watch_instances))
             .route("/v1/instances/{id}", delete(instances::deregister))
             .route("/v1/status", get(status::status))
             .route("/v1/services", get(status::services))
@@ -147,7 +152,7 @@ impl Registry {
         }
         root.route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
-            .route("/metrics", get(admin::metrics))
+            .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
             .fallback(|| async {
                 ApiError::NotFound(
@@ -155,6 +160,12 @@ impl Registry {
                     "no such endpoint; see /openapi.json".into(),
                 )
             })
+            // Inside the routes (Router::layer runs after routing), so the matched route
+            // names the series; outside the error mapping, so the final status is counted.
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                metrics::track,
+            ))
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))
