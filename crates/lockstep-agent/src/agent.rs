@@ -218,7 +218,7 @@ impl Agent {
                 .map_err(|e| AgentError::io(format!("creating {}", p.display()), e))?;
         }
         let state = State::load(&cfg.root.join("state.json"))?;
-        let worker = Worker::new(cfg.worker.clone(), cfg.root.join("current"), cfg.grace);
+        let worker = Worker::new(cfg.worker.clone(), &cfg.root, cfg.grace);
         let agent = Arc::new(Agent {
             snapshot: RwLock::new(state.clone()),
             inner: tokio::sync::Mutex::new(Inner { state, worker }),
@@ -239,6 +239,7 @@ impl Agent {
     pub async fn recover(&self) -> Result<(), AgentError> {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        inner.worker.stop_orphan(&self.cfg.root).await;
         let st = &mut inner.state;
         if st.instance_id.is_empty() {
             st.instance_id = lockstep_client::default_instance_id();
@@ -771,7 +772,16 @@ impl Agent {
         st.last_updated = Some(now());
         st.releases.remove(&vid);
         let _ = std::fs::remove_dir_all(self.releases().join(&vid));
-        let _ = inner.worker.restart(&prev).await;
+        match inner.worker.restart(&prev).await {
+            Err(e) => tracing::warn!(error = %e, "restarting the previous release failed"),
+            Ok(()) => {
+                if let Some(url) = &self.cfg.health_url
+                    && !health_check(&self.http, url, self.cfg.health_timeout).await
+                {
+                    tracing::warn!(version = %short_id(&prev), "the previous release is not healthy either");
+                }
+            }
+        }
         let st = &mut inner.state;
         st.apply = None;
         st.event(

@@ -25,6 +25,7 @@ pub enum WorkerMode {
 pub struct Worker {
     mode: WorkerMode,
     current_dir: PathBuf,
+    pidfile: PathBuf,
     grace: Duration,
     running: Option<Running>,
 }
@@ -45,11 +46,12 @@ fn send_signal(pid: u32, sig: &str) {
 }
 
 impl Worker {
-    /// A worker run from `current_dir` (`<root>/current`).
-    pub fn new(mode: WorkerMode, current_dir: PathBuf, grace: Duration) -> Worker {
+    /// A worker run from `<root>/current`, its pid kept in `<root>/worker.pid`.
+    pub fn new(mode: WorkerMode, root: &Path, grace: Duration) -> Worker {
         Worker {
             mode,
-            current_dir,
+            current_dir: root.join("current"),
+            pidfile: root.join("worker.pid"),
             grace,
             running: None,
         }
@@ -60,6 +62,43 @@ impl Worker {
         if let Some(r) = self.running.take() {
             let _ = r.stop.send(());
             let _ = r.done.await;
+            let _ = std::fs::remove_file(&self.pidfile);
+        }
+    }
+
+    /// Stops a child left behind by an agent that was killed (its pid is in
+    /// `worker.pid` and it still runs from a release under `root`), so the new child does
+    /// not find its port taken and the health check does not reach the old process.
+    pub async fn stop_orphan(&self, root: &Path) {
+        let Some(pid) = std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let _ = std::fs::remove_file(&self.pidfile);
+        let ours = |pid: u32| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            let root = std::fs::canonicalize(root).ok();
+            matches!((cwd, root), (Some(c), Some(r)) if c.starts_with(&r))
+        };
+        if pid == 0 || !ours(pid) {
+            return;
+        }
+        tracing::warn!(pid, "stopping the worker a previous agent run left behind");
+        send_signal(pid, "TERM");
+        let deadline = Instant::now() + self.grace;
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if ours(pid) {
+            send_signal(pid, "KILL");
+            for _ in 0..250 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 
@@ -115,6 +154,9 @@ impl Worker {
                 ))
             })?;
         let pid = child.id().unwrap_or(0);
+        if let Err(e) = crate::fsutil::write_atomic(&self.pidfile, pid.to_string().as_bytes()) {
+            tracing::warn!(error = %e, "cannot record the worker's pid");
+        }
         let (stop, mut stop_rx) = oneshot::channel::<()>();
         let grace = self.grace;
         let short = crate::short_id(version_id);

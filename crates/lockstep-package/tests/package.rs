@@ -4,9 +4,7 @@
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use lockstep_package::{
-    CreateOptions, Expect, Limits, PackageError, create, sign, unpack, verify,
-};
+use lockstep_package::{CreateOptions, Expect, Limits, PackageError, create, sign, unpack, verify};
 use std::io::Write;
 use std::path::Path;
 use tar::{EntryType, Header};
@@ -17,8 +15,11 @@ fn tree(dir: &Path) {
     std::fs::create_dir_all(dir.join("node_modules/x")).expect("mkdir");
     std::fs::write(dir.join("bin/worker"), "#!/bin/sh\necho hi\n").expect("write");
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("bin/worker"), std::fs::Permissions::from_mode(0o700))
-        .expect("chmod");
+    std::fs::set_permissions(
+        dir.join("bin/worker"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("chmod");
     std::fs::write(dir.join("config.toml"), "a = 1\n").expect("write");
     std::fs::write(dir.join("debug.log"), "noise\n").expect("write");
     std::fs::write(dir.join(".git/HEAD"), "ref\n").expect("write");
@@ -48,7 +49,11 @@ fn the_same_tree_packaged_twice_gives_identical_bytes_without_excluded_files() {
     create(&d.path().join("src"), &opts(), &b).expect("create");
     assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
     let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
-    assert_eq!(paths, ["bin/worker", "config.toml"], "defaults and --exclude applied");
+    assert_eq!(
+        paths,
+        ["bin/worker", "config.toml"],
+        "defaults and --exclude applied"
+    );
     assert_eq!(m.links.len(), 1);
     let checked = lockstep_package::check(&a, &Limits::default()).expect("check");
     assert_eq!(checked, m);
@@ -106,19 +111,29 @@ fn verify_rejects_a_foreign_key_a_flipped_byte_a_truncation_and_resigned_tamperi
     let mut h = Header::new_gnu();
     h.set_size(text.len() as u64);
     h.set_mode(0o644);
-    t.append_data(&mut h, "lockstep-manifest.json", text.as_slice()).expect("append");
-    for (path, body) in [("bin/worker", "#!/bin/sh\necho HI\n"), ("config.toml", "a = 1\n")] {
+    t.append_data(&mut h, "lockstep-manifest.json", text.as_slice())
+        .expect("append");
+    for (path, body) in [
+        ("bin/worker", "#!/bin/sh\necho HI\n"),
+        ("config.toml", "a = 1\n"),
+    ] {
         let mut h = Header::new_gnu();
         h.set_size(body.len() as u64);
         h.set_mode(0o644);
-        t.append_data(&mut h, path, body.as_bytes()).expect("append");
+        t.append_data(&mut h, path, body.as_bytes())
+            .expect("append");
     }
     let tampered = d.path().join("tampered.tar.gz");
     std::fs::write(&tampered, gz(&t.into_inner().expect("tar"))).expect("write");
     let s = sign::sign_file(&key, &tampered).expect("sign");
     std::fs::write(sign::sig_path(&tampered), s.to_bytes()).expect("sig");
-    let err = verify(&tampered, &sign::sig_path(&tampered), &trusted, &Limits::default())
-        .expect_err("tampered");
+    let err = verify(
+        &tampered,
+        &sign::sig_path(&tampered),
+        &trusted,
+        &Limits::default(),
+    )
+    .expect_err("tampered");
     assert!(matches!(err, PackageError::Checksum(_)), "{err}");
 }
 
@@ -149,13 +164,16 @@ fn refused(name: &str, bytes: &[u8], limits: &Limits, outside: Option<&Path>) ->
     let outer = tempfile::tempdir().expect("tempdir");
     let staging = outer.path().join("staging");
     std::fs::create_dir(&staging).expect("mkdir");
-    let err = unpack(bytes, Some(&staging), limits, Expect::Legacy, &mut |_| {})
-        .expect_err(name);
+    let err = unpack(bytes, Some(&staging), limits, Expect::Legacy, &mut |_| {}).expect_err(name);
     let listing: Vec<String> = std::fs::read_dir(outer.path())
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(listing, ["staging"], "{name}: something was written next to staging");
+    assert_eq!(
+        listing,
+        ["staging"],
+        "{name}: something was written next to staging"
+    );
     if let Some(p) = outside {
         assert!(!p.exists(), "{name}: {} was created", p.display());
     }
@@ -176,7 +194,10 @@ fn hostile_archives_are_refused_and_nothing_lands_outside_staging() {
         raw(t, EntryType::Regular, "./bin/ok", "", b"fine");
         raw(t, EntryType::Regular, "bin/../../escaped", "", b"x");
     });
-    assert!(matches!(refused("nested dot-dot", &nested, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("nested dot-dot", &nested, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
 
     let absolute = archive(|t| raw(t, EntryType::Regular, &victim_str, "", b"x"));
     let e = refused("absolute", &absolute, &limits, Some(&victim));
@@ -188,13 +209,21 @@ fn hostile_archives_are_refused_and_nothing_lands_outside_staging() {
         raw(t, EntryType::Symlink, "link", &target, b"");
         raw(t, EntryType::Regular, "link/pwned", "", b"x");
     });
-    let e = refused("symlink then write through it", &through, &limits, Some(&outside_dir.path().join("pwned")));
+    let e = refused(
+        "symlink then write through it",
+        &through,
+        &limits,
+        Some(&outside_dir.path().join("pwned")),
+    );
     assert!(matches!(e, PackageError::Unsafe { .. }), "{e}");
     let relative_escape = archive(|t| {
         raw(t, EntryType::Symlink, "up", "../../../../../../tmp", b"");
         raw(t, EntryType::Regular, "up/pwned", "", b"x");
     });
-    assert!(matches!(refused("relative escaping link", &relative_escape, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("relative escaping link", &relative_escape, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
     // Each link looks inside on its own; chained they leave the root.
     let chained = archive(|t| {
         raw(t, EntryType::Symlink, "here", ".", b"");
@@ -204,17 +233,29 @@ fn hostile_archives_are_refused_and_nothing_lands_outside_staging() {
     assert!(e.to_string().contains("outside"), "{e}");
 
     let hard = archive(|t| raw(t, EntryType::Link, "h", "../../../etc/passwd", b""));
-    assert!(matches!(refused("hard link up", &hard, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("hard link up", &hard, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
     let hard_abs = archive(|t| raw(t, EntryType::Link, "h", "/etc/passwd", b""));
-    assert!(matches!(refused("hard link absolute", &hard_abs, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("hard link absolute", &hard_abs, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
 
     let dev = archive(|t| raw(t, EntryType::Char, "null", "", b""));
     let e = refused("device", &dev, &limits, None);
     assert!(e.to_string().contains("device"), "{e}");
     let blk = archive(|t| raw(t, EntryType::Block, "sda", "", b""));
-    assert!(matches!(refused("block device", &blk, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("block device", &blk, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
     let fifo = archive(|t| raw(t, EntryType::Fifo, "pipe", "", b""));
-    assert!(matches!(refused("fifo", &fifo, &limits, None), PackageError::Unsafe { .. }));
+    assert!(matches!(
+        refused("fifo", &fifo, &limits, None),
+        PackageError::Unsafe { .. }
+    ));
 
     // 16 MiB of zeros compresses about a thousandfold: the ratio limit stops it early.
     let zeros = vec![0u8; 16 << 20];
@@ -222,8 +263,15 @@ fn hostile_archives_are_refused_and_nothing_lands_outside_staging() {
     assert!(bomb.len() < 100_000, "{}", bomb.len());
     let e = refused("bomb", &bomb, &limits, None);
     assert!(matches!(e, PackageError::Limit(_)), "{e}");
-    let small = Limits { max_unpacked: 1 << 20, max_ratio: 1_000_000, ..limits };
-    assert!(matches!(refused("over the size limit", &bomb, &small, None), PackageError::Limit(_)));
+    let small = Limits {
+        max_unpacked: 1 << 20,
+        max_ratio: 1_000_000,
+        ..limits
+    };
+    assert!(matches!(
+        refused("over the size limit", &bomb, &small, None),
+        PackageError::Limit(_)
+    ));
 }
 
 #[test]
@@ -235,13 +283,31 @@ fn a_legacy_archive_with_dot_slash_entries_unpacks_with_inside_links_kept() {
         raw(t, EntryType::Symlink, "./bin/y", "x", b"");
         raw(t, EntryType::Link, "./bin/z", "./bin/x", b"");
     });
-    let out = unpack(bytes.as_slice(), Some(d.path()), &Limits::default(), Expect::Legacy, &mut |_| {})
-        .expect("unpacks");
+    let out = unpack(
+        bytes.as_slice(),
+        Some(d.path()),
+        &Limits::default(),
+        Expect::Legacy,
+        &mut |_| {},
+    )
+    .expect("unpacks");
     assert_eq!(out.files, 1);
-    assert_eq!(std::fs::read(d.path().join("bin/y")).expect("via link"), b"payload");
-    assert_eq!(std::fs::read(d.path().join("bin/z")).expect("hard link"), b"payload");
+    assert_eq!(
+        std::fs::read(d.path().join("bin/y")).expect("via link"),
+        b"payload"
+    );
+    assert_eq!(
+        std::fs::read(d.path().join("bin/z")).expect("hard link"),
+        b"payload"
+    );
     // The same archive is not a lockstep package.
-    let err = unpack(bytes.as_slice(), None, &Limits::default(), Expect::Manifest(None), &mut |_| {})
-        .expect_err("no manifest");
+    let err = unpack(
+        bytes.as_slice(),
+        None,
+        &Limits::default(),
+        Expect::Manifest(None),
+        &mut |_| {},
+    )
+    .expect_err("no manifest");
     assert!(matches!(err, PackageError::Manifest(_)), "{err}");
 }
