@@ -38,7 +38,7 @@ pub struct KeygenArgs {
     /// Where to write the private key; the public key goes to the same path plus `.pub`.
     #[arg(long, value_name = "KEY")]
     out: PathBuf,
-    /// Print `{"private_key", "public_key"}` as JSON.
+    /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     output: Output,
 }
@@ -86,7 +86,7 @@ pub struct CreateArgs {
     /// The archive to write [default: <service>-<version>-<timestamp>.tar.gz here].
     #[arg(long, value_name = "FILE.tar.gz")]
     out: Option<PathBuf>,
-    /// Print the manifest (without the file list) as JSON.
+    /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     output: Output,
     /// The release tree.
@@ -130,7 +130,7 @@ pub struct VerifyArgs {
     /// The detached signature [default: FILE.sig].
     #[arg(long, value_name = "SIG")]
     signature: Option<PathBuf>,
-    /// Print the result as JSON.
+    /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     output: Output,
     /// The package.
