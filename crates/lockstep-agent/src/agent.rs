@@ -251,7 +251,10 @@ impl Agent {
         if let Some(p) = st.apply.take() {
             let vid = p.version_id.clone();
             let live = actual.as_deref() == Some(vid.as_str());
-            if p.step >= Step::Installed && live && !p.rollback {
+            if p.step >= Step::Installed && live {
+                // `current` names the new release (also when a self-rollback was cut short
+                // before it switched back): finish from the restart; the health check
+                // decides again, and rolls back if it fails.
                 st.current = Some(vid.clone());
                 st.event(
                     "recovered",
@@ -263,18 +266,13 @@ impl Agent {
                 );
                 resume = Some(ApplyProgress {
                     step: Step::Switched,
+                    rollback: false,
                     ..p
                 });
-            } else if p.step >= Step::Installed && live {
-                st.current = Some(vid.clone());
-                st.event(
-                    "recovered",
-                    Some(&vid),
-                    "a rollback was interrupted after the switch; it stands",
-                );
             } else {
-                if p.step >= Step::Installed && !p.rollback && !live {
-                    // Installed but never switched to: it was never good, remove it.
+                if p.step >= Step::Installed {
+                    // Installed but not live: never switched to, or already rolled back
+                    // from. It was never good; remove it.
                     let keep = [
                         st.last_good.as_deref(),
                         p.previous.as_deref(),

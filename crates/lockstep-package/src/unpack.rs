@@ -176,6 +176,10 @@ pub fn unpack(
         }
         let raw = String::from_utf8(entry.path_bytes().into_owned())
             .map_err(|_| unsafe_entry("<binary>", "the path is not UTF-8"))?;
+        // `tar czf x.tar.gz -C dir .` starts with `./` itself: the root, nothing to create.
+        if kind == EntryType::Directory && raw.split('/').all(|c| c.is_empty() || c == ".") {
+            continue;
+        }
         let rel = normalise(&raw).ok_or_else(|| {
             if raw.trim_start_matches("./").is_empty() || raw == "." {
                 unsafe_entry(&raw, "empty path")

@@ -278,6 +278,7 @@ fn hostile_archives_are_refused_and_nothing_lands_outside_staging() {
 fn a_legacy_archive_with_dot_slash_entries_unpacks_with_inside_links_kept() {
     let d = tempfile::tempdir().expect("tempdir");
     let bytes = archive(|t| {
+        raw(t, EntryType::Directory, "./", "", b"");
         raw(t, EntryType::Directory, "./bin/", "", b"");
         raw(t, EntryType::Regular, "./bin/x", "", b"payload");
         raw(t, EntryType::Symlink, "./bin/y", "x", b"");
