@@ -21,7 +21,7 @@ for d in range(100):
     os.makedirs(f"{root}/d{d:03}", exist_ok=True)
     for f in range(100):
         with open(f"{root}/d{d:03}/f{f:03}.dat", "wb") as fh:
-            fh.write(os.urandom(5120) + (b"line %d of file %d\n" % (f, d)) * 256)[:10240]
+            fh.write((os.urandom(5120) + (b"line %d of file %d\n" % (f, d)) * 512)[:10240])
 PY
 BYTES=$(du -sb "$WORK/tree" | cut -f1)
 FILES=$(find "$WORK/tree" -type f | wc -l)

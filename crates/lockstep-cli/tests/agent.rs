@@ -415,7 +415,7 @@ fn legacy_archive(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
         h.set_cksum();
         t.append(&h, *data).expect("append");
     }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     std::io::Write::write_all(&mut gz, &t.into_inner().expect("tar")).expect("gz");
     gz.finish().expect("gz")
 }

@@ -70,7 +70,7 @@ fn signed_package(d: &Path) -> (std::path::PathBuf, lockstep_package::SigningKey
 }
 
 fn gz(tar_bytes: &[u8]) -> Vec<u8> {
-    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+    let mut e = GzEncoder::new(Vec::new(), Compression::best());
     e.write_all(tar_bytes).expect("gz");
     e.finish().expect("gz")
 }
