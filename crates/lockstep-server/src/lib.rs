@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod dashboard;
 mod error;
 mod instances;
 mod json;
@@ -119,6 +120,7 @@ impl Registry {
                 get(admin::list_tokens).post(admin::create_token),
             )
             .route("/v1/tokens/{name}", delete(admin::revoke_token))
+            .route("/v1/dashboard", get(dashboard::dashboard))
             .method_not_allowed_fallback(|| async {
                 (
                     axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -135,6 +137,10 @@ impl Registry {
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(admin::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
+            .route("/", get(dashboard::index))
+            .route("/login", post(dashboard::login))
+            .route("/logout", post(dashboard::logout))
+            .route("/assets/{name}", get(dashboard::asset))
             .fallback(|| async {
                 ApiError::NotFound(
                     lockstep_api::codes::NOT_FOUND,
@@ -144,6 +150,9 @@ impl Registry {
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))
+            // The dashboard's session cookie, read as a bearer token (with its CSRF check)
+            // until the Auth extractor accepts the cookie itself.
+            .layer(axum::middleware::from_fn(dashboard::transitional_cookie_auth))
             // HTTP/1.1 makes Host mandatory (RFC 9112 §3.2); answering without one would
             // hide a broken client or proxy.
             .layer(axum::middleware::from_fn(error::require_host))

@@ -1,0 +1,635 @@
+//! The live dashboard: the page at `/` (a sign-in form without a valid session), the session
+//! cookie (`POST /login`, `POST /logout`), its embedded assets (`/assets/*`), and its data
+//! endpoint `GET /v1/dashboard`.
+//!
+//! The session is the token itself in an HttpOnly, SameSite=Strict cookie: nothing to store
+//! server-side, and revoking the token ends the session. Every non-GET request the cookie
+//! authenticates must carry `X-CSRF-Token` (derived from the token), so a page on another
+//! origin cannot act with it even where SameSite is not enforced.
+//!
+//! Every asset is compiled into the binary (`include_str!`): the dashboard works on a host
+//! with no internet access, and what the browser runs is what was reviewed. The charts are
+//! small hand-written SVG (`dashboard/app.js`), no library.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use lockstep_api::{
+    DashboardReport, Deploy, ErrorBody, InstancePage, InstanceStatus, LoginAnswer, LoginRequest,
+    ServiceCounts,
+};
+use lockstep_core::{
+    Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id, validate_name,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use crate::auth::{self, Auth, Principal};
+use crate::error::ApiError;
+use crate::service::Poisoned;
+use crate::service::projection::Change;
+use crate::state::AppState;
+
+/// Name of the session cookie; its value is the token.
+pub const SESSION_COOKIE: &str = "lockstep_session";
+/// Header carrying the CSRF token on non-GET requests authenticated by the cookie.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// Largest page of instances `/v1/dashboard` returns.
+pub const MAX_PER_PAGE: u32 = 500;
+/// Default page size of `/v1/dashboard`.
+pub const DEFAULT_PER_PAGE: u32 = 60;
+/// How many recent deploys `/v1/dashboard` lists.
+pub const DEPLOYS_SHOWN: usize = 20;
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const LOGIN_HTML: &str = include_str!("dashboard/login.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const APP_CSS: &str = include_str!("dashboard/app.css");
+const ICON_SVG: &str = include_str!("dashboard/icon.svg");
+
+/// Only our own files, no inline script or style: an injected string cannot run.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The CSRF token of a session: the first 128 bits of SHA-256 over a domain tag and the
+/// token, in hex. Only someone holding the token can compute it, and it reveals nothing of
+/// the token.
+///
+/// Transitional: the lead's `crate::auth::csrf_token` replaces this at merge (same contract:
+/// 32 hex characters derived from the token).
+pub fn csrf_token(token: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"lockstep-csrf\0");
+    h.update(token.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The session token from the `Cookie` header(s), if any.
+pub fn session_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// The principal of a valid session with at least the viewer role.
+fn session(st: &AppState, headers: &HeaderMap) -> Option<(String, Principal)> {
+    let token = session_token(headers)?;
+    let p = st.service.projection().tokens.lookup(token)?;
+    p.role
+        .allows(Role::Viewer)
+        .then(|| (token.to_string(), p))
+}
+
+/// Transitional cookie authentication for `/v1/*`, until the `Auth<R>` extractor accepts
+/// the cookie itself (the lead's reshape): a request without `Authorization` but with the
+/// session cookie is handled as if it carried the token as a bearer token; when it is not a
+/// GET or HEAD, `X-CSRF-Token` must match or it is refused with 403 `csrf`.
+///
+/// Remove this layer (one line in `lib.rs`) when the extractor does the same.
+pub async fn transitional_cookie_auth(mut req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1/") || req.headers().contains_key(header::AUTHORIZATION)
+    {
+        return next.run(req).await;
+    }
+    let Some(token) = session_token(req.headers()).map(str::to_string) else {
+        return next.run(req).await;
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let presented = req
+            .headers()
+            .get(CSRF_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !bool::from(presented.ct_eq(csrf_token(&token).as_bytes())) {
+            return csrf_refused();
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
+    next.run(req).await
+}
+
+fn csrf_refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(ErrorBody {
+            error: "csrf".into(),
+            message: "a request authenticated by the session cookie needs the X-CSRF-Token \
+                      header that POST /login returned"
+                .into(),
+        }),
+    )
+        .into_response()
+}
+
+fn html(body: String) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    r
+}
+
+/// Escapes text for an HTML attribute or element.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// Query of `GET /`.
+#[derive(Debug, Default, Deserialize)]
+pub struct IndexQuery {
+    /// `failed` after a refused form sign-in.
+    login: Option<String>,
+}
+
+/// `GET /`: the dashboard with a valid session, else the sign-in form.
+pub async fn index(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<IndexQuery>,
+    headers: HeaderMap,
+) -> Response {
+    match session(&st, &headers) {
+        Some((token, p)) => html(
+            INDEX_HTML
+                .replace("{{CSRF}}", &csrf_token(&token))
+                .replace("{{NAME}}", &escape(&p.name))
+                .replace("{{ROLE}}", p.role.as_str()),
+        ),
+        None => {
+            let msg = if q.login.as_deref() == Some("failed") {
+                "That token is not valid here, or it lacks the viewer role."
+            } else {
+                ""
+            };
+            html(LOGIN_HTML.replace("{{ERROR}}", msg))
+        }
+    }
+}
+
+/// Whether the request came over HTTPS (directly or through a proxy that says so).
+fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// The `Set-Cookie` value of a session (or, with `None`, of its removal).
+pub fn session_cookie(token: Option<&str>, secure: bool) -> String {
+    let mut c = match token {
+        Some(t) => format!("{SESSION_COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/"),
+        None => format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    };
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// A cross-origin sign-in (login CSRF: someone else's token planted in this browser) is
+/// refused when the browser says where the form came from.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+    origin_host.eq_ignore_ascii_case(host)
+}
+
+/// `POST /login`: the token from a JSON body or a form field `token`; sets the session
+/// cookie and answers the CSRF token (JSON), or redirects to `/` (form).
+pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !same_origin(&headers) {
+        return ApiError::Forbidden("same-origin").into_response();
+    }
+    let token = if is_json {
+        match serde_json::from_slice::<LoginRequest>(&body) {
+            Ok(r) => r.token,
+            Err(e) => return ApiError::BadRequest(format!("login body: {e}")).into_response(),
+        }
+    } else {
+        match serde_urlencoded::from_bytes::<LoginRequest>(&body) {
+            Ok(r) => r.token,
+            Err(_) => {
+                return ApiError::BadRequest("send a form field `token` or JSON".into())
+                    .into_response();
+            }
+        }
+    };
+    let token = token.trim();
+    let principal = st.service.projection().tokens.lookup(token);
+    let principal = match principal {
+        Some(p) if p.role.allows(Role::Viewer) => p,
+        other => {
+            tracing::info!(known = other.is_some(), "dashboard sign-in refused");
+            if !is_json {
+                return redirect("/?login=failed");
+            }
+            return match other {
+                Some(_) => ApiError::Forbidden("viewer").into_response(),
+                None => ApiError::Unauthorized.into_response(),
+            };
+        }
+    };
+    tracing::info!(name = %principal.name, "dashboard sign-in");
+    let cookie = session_cookie(Some(token), over_https(&headers));
+    let mut resp = if is_json {
+        Json(LoginAnswer {
+            csrf_token: csrf_token(token),
+            name: principal.name,
+            role: principal.role.as_str().to_string(),
+        })
+        .into_response()
+    } else {
+        redirect("/")
+    };
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn redirect(to: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
+}
+
+/// `POST /logout`: removes the session cookie (the token itself stays valid).
+pub async fn logout(headers: HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&session_cookie(None, over_https(&headers))) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// `GET /assets/{name}`: a file compiled into the binary.
+pub async fn asset(Path(name): Path<String>) -> Response {
+    let (ty, body) = match name.as_str() {
+        "app.js" => ("text/javascript; charset=utf-8", APP_JS),
+        "app.css" => ("text/css; charset=utf-8", APP_CSS),
+        "icon.svg" => ("image/svg+xml", ICON_SVG),
+        _ => {
+            return ApiError::NotFound(lockstep_api::codes::NOT_FOUND, "no such asset".into())
+                .into_response();
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, ty),
+            // Revalidated on every load: a new binary's assets are picked up at once.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Filters and paging of `GET /v1/dashboard`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DashboardQuery {
+    /// Only instances of this environment (the summary stays fleet-wide).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub env: Option<String>,
+    /// Only instances of this service.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub service: Option<String>,
+    /// Only instances with this status.
+    pub status: Option<Status>,
+    /// 1-based page of instances (default 1).
+    #[param(minimum = 1, maximum = 4294967295_u64)]
+    pub page: Option<u32>,
+    /// Instances per page (default 60, at most 500).
+    #[param(minimum = 1, maximum = 500)]
+    pub per_page: Option<u32>,
+}
+
+/// The fleet's summary, its per-service counts and recent deploys, and one page of
+/// instances.
+#[utoipa::path(get, path = "/v1/dashboard", tag = "status", params(DashboardQuery),
+    responses(
+        (status = 200, description = "summary, counts, deploys and a page of instances", body = DashboardReport),
+        (status = 400, description = "`bad_request`: a bad filter, page or page size", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn dashboard(
+    Auth(_who, _): Auth<auth::Viewer>,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<DashboardQuery>,
+) -> Result<Json<DashboardReport>, ApiError> {
+    if let Some(e) = &q.env {
+        validate_name("environment", e)?;
+    }
+    if let Some(s) = &q.service {
+        validate_name("service", s)?;
+    }
+    let page = q.page.unwrap_or(1);
+    let per_page = q.per_page.unwrap_or(DEFAULT_PER_PAGE);
+    if page == 0 {
+        return Err(ApiError::BadRequest("page starts at 1".into()));
+    }
+    if per_page == 0 || per_page > MAX_PER_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "per_page must be between 1 and {MAX_PER_PAGE}"
+        )));
+    }
+    Ok(Json(report(&st, &q, page, per_page)?))
+}
+
+/// Builds the whole answer.
+pub fn report(
+    st: &AppState,
+    q: &DashboardQuery,
+    page: u32,
+    per_page: u32,
+) -> Result<DashboardReport, Poisoned> {
+    let now = OffsetDateTime::now_utc();
+    let fleet = fleet(st, now)?;
+    let (active_alerts, last_drift_check) = alert_summary(st);
+    let t = fleet.totals;
+    let sum = |c: &StatusCounts| {
+        u64::from(c.current)
+            + u64::from(c.draining)
+            + u64::from(c.stale)
+            + u64::from(c.missing)
+            + u64::from(c.unknown)
+    };
+    Ok(DashboardReport {
+        total_workers: sum(&t),
+        up_to_date_workers: u64::from(t.current),
+        outdated_workers: u64::from(t.stale) + u64::from(t.draining),
+        unhealthy_workers: u64::from(t.missing),
+        active_alerts,
+        health_score: health_score(&t),
+        last_drift_check,
+        counts: t,
+        services: fleet.services,
+        deploys: fleet.deploys,
+        instances: instance_page(st, q, now, page, per_page)?,
+        generated_at: now,
+    })
+}
+
+/// The health score, 0–100 with one decimal (docs/dashboard.md):
+/// `100 × (current + ½·draining) / (current + draining + stale + missing)`, and 100 for a
+/// fleet with no instance to judge. Instances of a service without an expected release
+/// (`unknown`) are left out: there is nothing to be behind.
+pub fn health_score(c: &StatusCounts) -> f64 {
+    let judged = f64::from(c.current) + f64::from(c.draining) + f64::from(c.stale)
+        + f64::from(c.missing);
+    if judged == 0.0 {
+        return 100.0;
+    }
+    let good = f64::from(c.current) + 0.5 * f64::from(c.draining);
+    (1000.0 * good / judged).round() / 10.0
+}
+
+/// Open alerts and the drift detector's last run.
+///
+/// Wired by the lead at merge to the alerts branch's handle (`svc.alerts().open_count()`
+/// summed over severities, and `svc.alerts().last_drift_check()`); until then this registry
+/// has no detector, so there is nothing open and no check to report.
+pub fn alert_summary(_st: &AppState) -> (u64, Option<OffsetDateTime>) {
+    (0, None)
+}
+
+/// Fleet-wide counts, per-service counts and recent deploys.
+struct Fleet {
+    totals: StatusCounts,
+    services: Vec<ServiceCounts>,
+    deploys: Vec<Deploy>,
+}
+
+/// Expected releases by env, then service: looked up once per instance without a lock.
+type Expected = HashMap<String, HashMap<String, Arc<Change>>>;
+
+fn expected_map(st: &AppState) -> Result<Expected, Poisoned> {
+    let mut m: Expected = HashMap::new();
+    for c in st.service.projection().all_expected()? {
+        m.entry(c.release.env.clone())
+            .or_default()
+            .insert(c.release.service.clone(), c);
+    }
+    Ok(m)
+}
+
+/// The status of `inst` and its drift.
+fn judge(st: &AppState, expected: &Expected, inst: &Instance, now: OffsetDateTime) -> (Status, u64) {
+    let expected = expected.get(&inst.env).and_then(|m| m.get(&inst.service));
+    let missing = now - inst.last_seen > st.config.instance_ttl;
+    let status = instance_status(
+        expected.map(|e| &e.release.release),
+        &inst.version_id,
+        &inst.components,
+        missing,
+    );
+    let drift = drift_secs(
+        status,
+        now,
+        inst,
+        expected.map(|e| e.release.registered_at),
+        st.config.instance_ttl.as_secs(),
+    );
+    (status, drift)
+}
+
+/// The summary side of the dashboard, kept in one place so that it switches to the
+/// projection's maintained counts (`counts()`, `totals()`, `convergence()`) in one edit.
+///
+/// Today it walks every instance once; the convergence time of the current release of a
+/// service is approximated from its instances: converged when every live instance is
+/// current, at the latest `first_seen` (when the registry first heard it on that version).
+fn fleet(st: &AppState, now: OffsetDateTime) -> Result<Fleet, Poisoned> {
+    let projection = st.service.projection();
+    let expected = projection.all_expected()?;
+    let by_scope = expected_map(st)?;
+    let mut per: BTreeMap<(String, String), (StatusCounts, Option<OffsetDateTime>)> =
+        BTreeMap::new();
+    for c in &expected {
+        per.insert(
+            (c.release.env.clone(), c.release.service.clone()),
+            (StatusCounts::default(), None),
+        );
+    }
+    let mut totals = StatusCounts::default();
+    for inst in projection.instances()? {
+        let (status, _) = judge(st, &by_scope, &inst, now);
+        totals.add(status);
+        let e = per
+            .entry((inst.env.clone(), inst.service.clone()))
+            .or_default();
+        e.0.add(status);
+        if status == Status::Current {
+            e.1 = e.1.max(Some(inst.first_seen));
+        }
+    }
+    let mut deploys: Vec<Deploy> = expected
+        .iter()
+        .rev()
+        .take(DEPLOYS_SHOWN)
+        .map(|c| {
+            let r = &c.release;
+            let (counts, last_current) = per
+                .get(&(r.env.clone(), r.service.clone()))
+                .copied()
+                .unwrap_or_default();
+            let converged = counts.stale == 0 && counts.draining == 0;
+            let converged_at = if converged {
+                Some(last_current.unwrap_or(r.registered_at).max(r.registered_at))
+            } else {
+                None
+            };
+            Deploy {
+                env: r.env.clone(),
+                service: r.service.clone(),
+                version: short_id(&r.release.version_id).to_string(),
+                revision: r.revision,
+                kind: r.kind.as_str().to_string(),
+                registered_at: r.registered_at,
+                converged_at,
+                convergence_secs: converged_at
+                    .map(|at| (at - r.registered_at).whole_seconds().max(0) as u64),
+            }
+        })
+        .collect();
+    deploys.sort_by(|a, b| b.revision.cmp(&a.revision));
+    let services = per
+        .into_iter()
+        .map(|((env, service), (counts, _))| {
+            let expected_version = expected
+                .iter()
+                .find(|c| c.release.env == env && c.release.service == service)
+                .map(|c| short_id(&c.release.release.version_id).to_string());
+            ServiceCounts {
+                env,
+                service,
+                expected_version,
+                counts,
+            }
+        })
+        .collect();
+    Ok(Fleet {
+        totals,
+        services,
+        deploys,
+    })
+}
+
+/// Worst first: what needs attention is on the first page.
+fn severity(s: Status) -> u8 {
+    match s {
+        Status::Missing => 0,
+        Status::Stale => 1,
+        Status::Draining => 2,
+        Status::Unknown => 3,
+        Status::Current => 4,
+    }
+}
+
+/// One page of instances matching the filters, worst status first, then longest drift,
+/// then instance id.
+fn instance_page(
+    st: &AppState,
+    q: &DashboardQuery,
+    now: OffsetDateTime,
+    page: u32,
+    per_page: u32,
+) -> Result<InstancePage, Poisoned> {
+    let expected = expected_map(st)?;
+    let mut matching: Vec<(u8, u64, Instance, Status)> = Vec::new();
+    for inst in st.service.projection().instances()? {
+        if q.env.as_deref().is_some_and(|e| e != inst.env)
+            || q.service.as_deref().is_some_and(|s| s != inst.service)
+        {
+            continue;
+        }
+        let (status, drift) = judge(st, &expected, &inst, now);
+        if q.status.is_some_and(|s| s != status) {
+            continue;
+        }
+        matching.push((severity(status), drift, inst, status));
+    }
+    let total = matching.len() as u64;
+    let skip = (u64::from(page) - 1) * u64::from(per_page);
+    let items = if skip >= total {
+        Vec::new()
+    } else {
+        let skip = skip as usize;
+        let end = (skip + per_page as usize).min(matching.len());
+        let key = |a: &(u8, u64, Instance, Status)| (a.0, std::cmp::Reverse(a.1));
+        let cmp = |a: &(u8, u64, Instance, Status), b: &(u8, u64, Instance, Status)| {
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| a.2.instance_id.cmp(&b.2.instance_id))
+        };
+        // Only the requested page needs to be in order: select, then sort that much.
+        if end < matching.len() {
+            matching.select_nth_unstable_by(end, cmp);
+            matching.truncate(end);
+        }
+        matching.sort_unstable_by(cmp);
+        matching
+            .into_iter()
+            .skip(skip)
+            .map(|(_, drift, instance, status)| InstanceStatus {
+                instance,
+                status,
+                drift_secs: drift,
+            })
+            .collect()
+    };
+    Ok(InstancePage {
+        page,
+        per_page,
+        total,
+        items,
+    })
+}
