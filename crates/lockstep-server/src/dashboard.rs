@@ -13,9 +13,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use lockstep_api::{
     DashboardReport, Deploy, ErrorBody, InstancePage, InstanceStatus, LoginAnswer, LoginRequest,
@@ -25,22 +24,16 @@ use lockstep_core::{
     Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id, validate_name,
 };
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
-use crate::auth::{self, Auth, Principal};
+use crate::auth::{self, Auth, Principal, SESSION_COOKIE, csrf_token};
 use crate::error::ApiError;
 use crate::service::Poisoned;
 use crate::service::projection::Change;
 use crate::state::AppState;
 
-/// Name of the session cookie; its value is the token.
-pub const SESSION_COOKIE: &str = "lockstep_session";
-/// Header carrying the CSRF token on non-GET requests authenticated by the cookie.
-pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Largest page of instances `/v1/dashboard` returns.
 pub const MAX_PER_PAGE: u32 = 500;
 /// Default page size of `/v1/dashboard`.
@@ -58,82 +51,11 @@ const ICON_SVG: &str = include_str!("dashboard/icon.svg");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The CSRF token of a session: the first 128 bits of SHA-256 over a domain tag and the
-/// token, in hex. Only someone holding the token can compute it, and it reveals nothing of
-/// the token.
-///
-/// Transitional: the lead's `crate::auth::csrf_token` replaces this at merge (same contract:
-/// 32 hex characters derived from the token).
-pub fn csrf_token(token: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"lockstep-csrf\0");
-    h.update(token.as_bytes());
-    hex::encode(&h.finalize()[..16])
-}
-
-/// The session token from the `Cookie` header(s), if any.
-pub fn session_token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == SESSION_COOKIE)
-        .map(|(_, v)| v.trim())
-        .filter(|v| !v.is_empty())
-}
-
 /// The principal of a valid session with at least the viewer role.
 fn session(st: &AppState, headers: &HeaderMap) -> Option<(String, Principal)> {
-    let token = session_token(headers)?;
+    let token = auth::cookie(headers, SESSION_COOKIE)?;
     let p = st.service.projection().tokens.lookup(token)?;
-    p.role
-        .allows(Role::Viewer)
-        .then(|| (token.to_string(), p))
-}
-
-/// Transitional cookie authentication for `/v1/*`, until the `Auth<R>` extractor accepts
-/// the cookie itself (the lead's reshape): a request without `Authorization` but with the
-/// session cookie is handled as if it carried the token as a bearer token; when it is not a
-/// GET or HEAD, `X-CSRF-Token` must match or it is refused with 403 `csrf`.
-///
-/// Remove this layer (one line in `lib.rs`) when the extractor does the same.
-pub async fn transitional_cookie_auth(mut req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/v1/") || req.headers().contains_key(header::AUTHORIZATION)
-    {
-        return next.run(req).await;
-    }
-    let Some(token) = session_token(req.headers()).map(str::to_string) else {
-        return next.run(req).await;
-    };
-    if !matches!(*req.method(), Method::GET | Method::HEAD) {
-        let presented = req
-            .headers()
-            .get(CSRF_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if !bool::from(presented.ct_eq(csrf_token(&token).as_bytes())) {
-            return csrf_refused();
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
-        req.headers_mut().insert(header::AUTHORIZATION, v);
-    }
-    next.run(req).await
-}
-
-fn csrf_refused() -> Response {
-    (
-        StatusCode::FORBIDDEN,
-        Json(ErrorBody {
-            error: "csrf".into(),
-            message: "a request authenticated by the session cookie needs the X-CSRF-Token \
-                      header that POST /login returned"
-                .into(),
-        }),
-    )
-        .into_response()
+    p.role.allows(Role::Viewer).then(|| (token.to_string(), p))
 }
 
 fn html(body: String) -> Response {
@@ -148,7 +70,10 @@ fn html(body: String) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     r
 }
@@ -423,8 +348,8 @@ pub fn report(
 /// fleet with no instance to judge. Instances of a service without an expected release
 /// (`unknown`) are left out: there is nothing to be behind.
 pub fn health_score(c: &StatusCounts) -> f64 {
-    let judged = f64::from(c.current) + f64::from(c.draining) + f64::from(c.stale)
-        + f64::from(c.missing);
+    let judged =
+        f64::from(c.current) + f64::from(c.draining) + f64::from(c.stale) + f64::from(c.missing);
     if judged == 0.0 {
         return 100.0;
     }
@@ -462,7 +387,12 @@ fn expected_map(st: &AppState) -> Result<Expected, Poisoned> {
 }
 
 /// The status of `inst` and its drift.
-fn judge(st: &AppState, expected: &Expected, inst: &Instance, now: OffsetDateTime) -> (Status, u64) {
+fn judge(
+    st: &AppState,
+    expected: &Expected,
+    inst: &Instance,
+    now: OffsetDateTime,
+) -> (Status, u64) {
     let expected = expected.get(&inst.env).and_then(|m| m.get(&inst.service));
     let missing = now - inst.last_seen > st.config.instance_ttl;
     let status = instance_status(

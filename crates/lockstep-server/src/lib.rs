@@ -151,9 +151,6 @@ impl Registry {
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))
-            // The dashboard's session cookie, read as a bearer token (with its CSRF check)
-            // until the Auth extractor accepts the cookie itself.
-            .layer(axum::middleware::from_fn(dashboard::transitional_cookie_auth))
             // HTTP/1.1 makes Host mandatory (RFC 9112 §3.2); answering without one would
             // hide a broken client or proxy.
             .layer(axum::middleware::from_fn(error::require_host))
