@@ -139,15 +139,22 @@ pub fn session_cookie(token: Option<&str>, secure: bool) -> String {
 }
 
 /// A cross-origin sign-in (login CSRF: someone else's token planted in this browser) is
-/// refused when the browser says where the form came from.
+/// refused when the browser says where the form came from: `Sec-Fetch-Site` where it is
+/// sent (every current browser), else `Origin`. Chromium sends `Origin: null` on some
+/// same-origin form posts, so only a concrete other origin is refused by the fallback.
 fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = text(header::ORIGIN.as_str()).filter(|o| *o != "null") else {
         return true;
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let host = text(header::HOST.as_str()).unwrap_or_default();
     let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
     origin_host.eq_ignore_ascii_case(host)
 }
@@ -160,7 +167,14 @@ pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: By
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !same_origin(&headers) {
-        return ApiError::Forbidden("same-origin").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error: lockstep_api::codes::FORBIDDEN.into(),
+                message: "a sign-in posted from another origin is refused".into(),
+            }),
+        )
+            .into_response();
     }
     let token = if is_json {
         match serde_json::from_slice::<LoginRequest>(&body) {

@@ -143,6 +143,14 @@ async fn signing_in_sets_an_httponly_strict_session_cookie_and_answers_the_csrf_
         .expect("send");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert!(resp.headers().get(SET_COOKIE).is_none());
+    let resp = http()
+        .post(format!("{}/login", reg.url))
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({"token": viewer}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // The page: the dashboard with its CSRF token for a session, else the sign-in form.
     let page = |cookie: Option<String>| {

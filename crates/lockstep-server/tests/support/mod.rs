@@ -1,0 +1,3 @@
+//! Helpers shared by the dashboard's browser test and its benchmark.
+
+pub mod browser;
