@@ -455,7 +455,8 @@ fn fleet(st: &AppState, now: OffsetDateTime) -> Result<Fleet, Poisoned> {
             e.1 = e.1.max(Some(inst.first_seen));
         }
     }
-    let mut deploys: Vec<Deploy> = expected
+    // `all_expected` is oldest revision first.
+    let deploys: Vec<Deploy> = expected
         .iter()
         .rev()
         .take(DEPLOYS_SHOWN)
@@ -484,7 +485,6 @@ fn fleet(st: &AppState, now: OffsetDateTime) -> Result<Fleet, Poisoned> {
             }
         })
         .collect();
-    deploys.sort_by(|a, b| b.revision.cmp(&a.revision));
     let services = per
         .into_iter()
         .map(|((env, service), (counts, _))| {
