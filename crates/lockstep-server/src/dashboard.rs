@@ -331,7 +331,10 @@ pub fn report(
     per_page: u32,
 ) -> Result<DashboardReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
-    let fleet = fleet(st, now)?;
+    // One copy of the instances serves both the summary and the page.
+    let instances = st.service.projection().instances()?;
+    let expected = expected_map(st)?;
+    let fleet = fleet(st, &expected, &instances, now)?;
     let (active_alerts, last_drift_check) = alert_summary(st);
     let t = fleet.totals;
     let sum = |c: &StatusCounts| {
@@ -352,7 +355,7 @@ pub fn report(
         counts: t,
         services: fleet.services,
         deploys: fleet.deploys,
-        instances: instance_page(st, q, now, page, per_page)?,
+        instances: instance_page(st, &expected, &instances, q, now, page, per_page),
         generated_at: now,
     })
 }
@@ -373,9 +376,9 @@ pub fn health_score(c: &StatusCounts) -> f64 {
 
 /// Open alerts and the drift detector's last run.
 ///
-/// Wired by the lead at merge to the alerts branch's handle (`svc.alerts().open_count()`
-/// summed over severities, and `svc.alerts().last_drift_check()`); until then this registry
-/// has no detector, so there is nothing open and no check to report.
+/// Wired at merge to the alerts branch's handle; until then this registry has no detector,
+/// so there is nothing open and no check to report. The body becomes:
+/// `let a = st.service.alerts(); (a.open_counts().iter().map(|(_, n)| n).sum(), a.last_drift_check())`
 pub fn alert_summary(_st: &AppState) -> (u64, Option<OffsetDateTime>) {
     (0, None)
 }
@@ -431,10 +434,14 @@ fn judge(
 /// Today it walks every instance once; the convergence time of the current release of a
 /// service is approximated from its instances: converged when every live instance is
 /// current, at the latest `first_seen` (when the registry first heard it on that version).
-fn fleet(st: &AppState, now: OffsetDateTime) -> Result<Fleet, Poisoned> {
+fn fleet(
+    st: &AppState,
+    by_scope: &Expected,
+    instances: &[Instance],
+    now: OffsetDateTime,
+) -> Result<Fleet, Poisoned> {
     let projection = st.service.projection();
     let expected = projection.all_expected()?;
-    let by_scope = expected_map(st)?;
     let mut per: BTreeMap<(String, String), (StatusCounts, Option<OffsetDateTime>)> =
         BTreeMap::new();
     for c in &expected {
@@ -444,8 +451,8 @@ fn fleet(st: &AppState, now: OffsetDateTime) -> Result<Fleet, Poisoned> {
         );
     }
     let mut totals = StatusCounts::default();
-    for inst in projection.instances()? {
-        let (status, _) = judge(st, &by_scope, &inst, now);
+    for inst in instances {
+        let (status, _) = judge(st, by_scope, inst, now);
         totals.add(status);
         let e = per
             .entry((inst.env.clone(), inst.service.clone()))
@@ -522,20 +529,22 @@ fn severity(s: Status) -> u8 {
 /// then instance id.
 fn instance_page(
     st: &AppState,
+    expected: &Expected,
+    instances: &[Instance],
     q: &DashboardQuery,
     now: OffsetDateTime,
     page: u32,
     per_page: u32,
-) -> Result<InstancePage, Poisoned> {
-    let expected = expected_map(st)?;
-    let mut matching: Vec<(u8, u64, Instance, Status)> = Vec::new();
-    for inst in st.service.projection().instances()? {
+) -> InstancePage {
+    type Entry<'a> = (u8, u64, &'a Instance, Status);
+    let mut matching: Vec<Entry<'_>> = Vec::new();
+    for inst in instances {
         if q.env.as_deref().is_some_and(|e| e != inst.env)
             || q.service.as_deref().is_some_and(|s| s != inst.service)
         {
             continue;
         }
-        let (status, drift) = judge(st, &expected, &inst, now);
+        let (status, drift) = judge(st, expected, inst, now);
         if q.status.is_some_and(|s| s != status) {
             continue;
         }
@@ -548,8 +557,8 @@ fn instance_page(
     } else {
         let skip = skip as usize;
         let end = (skip + per_page as usize).min(matching.len());
-        let key = |a: &(u8, u64, Instance, Status)| (a.0, std::cmp::Reverse(a.1));
-        let cmp = |a: &(u8, u64, Instance, Status), b: &(u8, u64, Instance, Status)| {
+        let key = |a: &Entry<'_>| (a.0, std::cmp::Reverse(a.1));
+        let cmp = |a: &Entry<'_>, b: &Entry<'_>| {
             key(a)
                 .cmp(&key(b))
                 .then_with(|| a.2.instance_id.cmp(&b.2.instance_id))
@@ -564,16 +573,16 @@ fn instance_page(
             .into_iter()
             .skip(skip)
             .map(|(_, drift, instance, status)| InstanceStatus {
-                instance,
+                instance: instance.clone(),
                 status,
                 drift_secs: drift,
             })
             .collect()
     };
-    Ok(InstancePage {
+    InstancePage {
         page,
         per_page,
         total,
         items,
-    })
+    }
 }

@@ -25,6 +25,13 @@ fn skip() -> bool {
     }
 }
 
+/// The registry under test. When the alerts branch is merged, its drift thresholds go here
+/// (`low` = 0 and a check interval well under a second): the alert step below expects an
+/// alert within 2 s of the release.
+fn registry_config() -> lockstep_server::Config {
+    lockstep_server::Config::default()
+}
+
 async fn put_release(reg: &InProcessRegistry, version: &str) {
     let resp = reqwest::Client::new()
         .put(format!(
@@ -75,18 +82,12 @@ async fn a_new_release_shows_stale_instances_in_the_open_dashboard_within_two_se
     if skip() {
         return;
     }
-    let reg = InProcessRegistry::start().await;
+    let reg = InProcessRegistry::start_with(registry_config()).await;
     let worker = reg.token("fleet", Role::Worker).await;
     let operator = reg.token("on-call", Role::Operator).await;
     put_release(&reg, "7f3a9c1e2b4d").await;
     for i in 1..=3 {
-        heartbeat(
-            &reg,
-            &worker,
-            &format!("api-{i}"),
-            "7f3a9c1e2b4d",
-        )
-        .await;
+        heartbeat(&reg, &worker, &format!("api-{i}"), "7f3a9c1e2b4d").await;
     }
 
     let b = Browser::start(1280, 1000).await;
