@@ -55,6 +55,7 @@ pub struct ServiceCounts {
 }
 
 /// A release change (registration or rollback) and how long the fleet took to follow it.
+/// Only changes this replica saw while running are listed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Deploy {
     /// Environment.
@@ -65,8 +66,6 @@ pub struct Deploy {
     pub version: String,
     /// Registry revision of the change.
     pub revision: i64,
-    /// `register` or `rollback`.
-    pub kind: String,
     /// When it was registered.
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
@@ -77,6 +76,8 @@ pub struct Deploy {
     pub converged_at: Option<OffsetDateTime>,
     /// `converged_at - registered_at` in seconds, or null while not converged.
     pub convergence_secs: Option<u64>,
+    /// Replaced by a newer release before the fleet converged on it.
+    pub superseded: bool,
 }
 
 /// One page of instances, worst status first (missing, stale, draining, unknown, current),

@@ -24,13 +24,15 @@ use lockstep_core::{
     Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id, validate_name,
 };
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::auth::{self, Auth, Principal, SESSION_COOKIE, csrf_token};
 use crate::error::ApiError;
 use crate::service::Poisoned;
+use crate::service::fleet::Fleet;
 use crate::service::projection::Change;
 use crate::state::AppState;
 
@@ -331,12 +333,22 @@ pub fn report(
     per_page: u32,
 ) -> Result<DashboardReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
-    // One copy of the instances serves both the summary and the page.
-    let instances = st.service.projection().instances()?;
+    let projection = st.service.projection();
+    let ttl = projection.instance_ttl();
     let expected = expected_map(st)?;
-    let fleet = fleet(st, &expected, &instances, now)?;
+    let (services, instances) = projection.with_fleet(|fleet| {
+        let services = service_counts(fleet, &expected, now, ttl);
+        let page = instance_page(fleet, &expected, &services, q, now, ttl, page, per_page);
+        (services, page)
+    })?;
+    let deploys = deploys(st)?;
     let (active_alerts, last_drift_check) = alert_summary(st);
-    let t = fleet.totals;
+    let mut t = StatusCounts::default();
+    for s in &services {
+        for status in ORDER {
+            add(&mut t, status, count_of(&s.counts, status));
+        }
+    }
     let sum = |c: &StatusCounts| {
         u64::from(c.current)
             + u64::from(c.draining)
@@ -353,9 +365,9 @@ pub fn report(
         health_score: health_score(&t),
         last_drift_check,
         counts: t,
-        services: fleet.services,
-        deploys: fleet.deploys,
-        instances: instance_page(st, &expected, &instances, q, now, page, per_page),
+        services,
+        deploys,
+        instances,
         generated_at: now,
     })
 }
@@ -383,14 +395,7 @@ pub fn alert_summary(_st: &AppState) -> (u64, Option<OffsetDateTime>) {
     (0, None)
 }
 
-/// Fleet-wide counts, per-service counts and recent deploys.
-struct Fleet {
-    totals: StatusCounts,
-    services: Vec<ServiceCounts>,
-    deploys: Vec<Deploy>,
-}
-
-/// Expected releases by env, then service: looked up once per instance without a lock.
+/// Expected releases by env, then service.
 type Expected = HashMap<String, HashMap<String, Arc<Change>>>;
 
 fn expected_map(st: &AppState) -> Result<Expected, Poisoned> {
@@ -403,182 +408,198 @@ fn expected_map(st: &AppState) -> Result<Expected, Poisoned> {
     Ok(m)
 }
 
-/// The status of `inst` and its drift.
-fn judge(
-    st: &AppState,
-    expected: &Expected,
-    inst: &Instance,
-    now: OffsetDateTime,
-) -> (Status, u64) {
-    let expected = expected.get(&inst.env).and_then(|m| m.get(&inst.service));
-    let missing = now - inst.last_seen > st.config.instance_ttl;
-    let status = instance_status(
-        expected.map(|e| &e.release.release),
-        &inst.version_id,
-        &inst.components,
-        missing,
-    );
-    let drift = drift_secs(
-        status,
-        now,
-        inst,
-        expected.map(|e| e.release.registered_at),
-        st.config.instance_ttl.as_secs(),
-    );
-    (status, drift)
-}
-
-/// The summary side of the dashboard, kept in one place so that it switches to the
-/// projection's maintained counts (`counts()`, `totals()`, `convergence()`) in one edit.
-///
-/// Today it walks every instance once; the convergence time of the current release of a
-/// service is approximated from its instances: converged when every live instance is
-/// current, at the latest `first_seen` (when the registry first heard it on that version).
-fn fleet(
-    st: &AppState,
-    by_scope: &Expected,
-    instances: &[Instance],
-    now: OffsetDateTime,
-) -> Result<Fleet, Poisoned> {
-    let projection = st.service.projection();
-    let expected = projection.all_expected()?;
-    let mut per: BTreeMap<(String, String), (StatusCounts, Option<OffsetDateTime>)> =
-        BTreeMap::new();
-    for c in &expected {
-        per.insert(
-            (c.release.env.clone(), c.release.service.clone()),
-            (StatusCounts::default(), None),
-        );
-    }
-    let mut totals = StatusCounts::default();
-    for inst in instances {
-        let (status, _) = judge(st, by_scope, inst, now);
-        totals.add(status);
-        let e = per
-            .entry((inst.env.clone(), inst.service.clone()))
-            .or_default();
-        e.0.add(status);
-        if status == Status::Current {
-            e.1 = e.1.max(Some(inst.first_seen));
-        }
-    }
-    // `all_expected` is oldest revision first.
-    let deploys: Vec<Deploy> = expected
-        .iter()
-        .rev()
-        .take(DEPLOYS_SHOWN)
-        .map(|c| {
-            let r = &c.release;
-            let (counts, last_current) = per
-                .get(&(r.env.clone(), r.service.clone()))
-                .copied()
-                .unwrap_or_default();
-            let converged = counts.stale == 0 && counts.draining == 0;
-            let converged_at = if converged {
-                Some(last_current.unwrap_or(r.registered_at).max(r.registered_at))
-            } else {
-                None
-            };
-            Deploy {
-                env: r.env.clone(),
-                service: r.service.clone(),
-                version: short_id(&r.release.version_id).to_string(),
-                revision: r.revision,
-                kind: r.kind.as_str().to_string(),
-                registered_at: r.registered_at,
-                converged_at,
-                convergence_secs: converged_at
-                    .map(|at| (at - r.registered_at).whole_seconds().max(0) as u64),
-            }
-        })
-        .collect();
-    let services = per
-        .into_iter()
-        .map(|((env, service), (counts, _))| {
-            let expected_version = expected
-                .iter()
-                .find(|c| c.release.env == env && c.release.service == service)
-                .map(|c| short_id(&c.release.release.version_id).to_string());
-            ServiceCounts {
-                env,
-                service,
-                expected_version,
-                counts,
-            }
-        })
-        .collect();
-    Ok(Fleet {
-        totals,
-        services,
-        deploys,
-    })
+fn expected_of<'a>(expected: &'a Expected, env: &str, service: &str) -> Option<&'a Arc<Change>> {
+    expected.get(env).and_then(|m| m.get(service))
 }
 
 /// Worst first: what needs attention is on the first page.
-fn severity(s: Status) -> u8 {
+const ORDER: [Status; 5] = [
+    Status::Missing,
+    Status::Stale,
+    Status::Draining,
+    Status::Unknown,
+    Status::Current,
+];
+
+fn count_of(c: &StatusCounts, s: Status) -> u32 {
     match s {
-        Status::Missing => 0,
-        Status::Stale => 1,
-        Status::Draining => 2,
-        Status::Unknown => 3,
-        Status::Current => 4,
+        Status::Current => c.current,
+        Status::Draining => c.draining,
+        Status::Stale => c.stale,
+        Status::Missing => c.missing,
+        Status::Unknown => c.unknown,
     }
+}
+
+fn add(c: &mut StatusCounts, s: Status, n: u32) {
+    match s {
+        Status::Current => c.current += n,
+        Status::Draining => c.draining += n,
+        Status::Stale => c.stale += n,
+        Status::Missing => c.missing += n,
+        Status::Unknown => c.unknown += n,
+    }
+}
+
+/// Counts per env/service from the projection's per-service index (cost: the number of
+/// distinct versions per service, not the number of instances), plus the services that
+/// have a release and no instance.
+fn service_counts(
+    fleet: &Fleet,
+    expected: &Expected,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Vec<ServiceCounts> {
+    let mut scopes: BTreeSet<(&str, &str)> = fleet
+        .scopes()
+        .map(|(e, s)| (e.as_str(), s.as_str()))
+        .collect();
+    for (env, m) in expected {
+        for svc in m.keys() {
+            scopes.insert((env.as_str(), svc.as_str()));
+        }
+    }
+    scopes
+        .into_iter()
+        .map(|(env, service)| {
+            let exp = expected_of(expected, env, service);
+            let counts = fleet
+                .counts(
+                    env,
+                    service,
+                    exp.map(|c| (&c.release.release, c.release.registered_at)),
+                    now,
+                    ttl,
+                )
+                .counts;
+            ServiceCounts {
+                env: env.to_string(),
+                service: service.to_string(),
+                expected_version: exp.map(|c| short_id(&c.release.release.version_id).to_string()),
+                counts,
+            }
+        })
+        .collect()
+}
+
+/// The most recent release changes with their convergence, newest first.
+fn deploys(st: &AppState) -> Result<Vec<Deploy>, Poisoned> {
+    Ok(st
+        .service
+        .projection()
+        .convergence()?
+        .into_iter()
+        .take(DEPLOYS_SHOWN)
+        .map(|c| Deploy {
+            version: short_id(&c.version_id).to_string(),
+            revision: c.revision,
+            registered_at: c.registered_at,
+            converged_at: c.converged_at,
+            convergence_secs: c
+                .converged_at
+                .map(|at| (at - c.registered_at).whole_seconds().max(0) as u64),
+            superseded: c.superseded,
+            env: c.env,
+            service: c.service,
+        })
+        .collect())
 }
 
 /// One page of instances matching the filters, worst status first, then longest drift,
 /// then instance id.
+///
+/// The per-service counts say how many instances each status has where, so only the
+/// statuses that reach into the requested page are read, and only in the services that
+/// have instances of that status; only the page itself is copied.
+#[allow(clippy::too_many_arguments)]
 fn instance_page(
-    st: &AppState,
+    fleet: &Fleet,
     expected: &Expected,
-    instances: &[Instance],
+    services: &[ServiceCounts],
     q: &DashboardQuery,
     now: OffsetDateTime,
+    ttl: Duration,
     page: u32,
     per_page: u32,
 ) -> InstancePage {
-    type Entry<'a> = (u8, u64, &'a Instance, Status);
-    let mut matching: Vec<Entry<'_>> = Vec::new();
-    for inst in instances {
-        if q.env.as_deref().is_some_and(|e| e != inst.env)
-            || q.service.as_deref().is_some_and(|s| s != inst.service)
-        {
-            continue;
-        }
-        let (status, drift) = judge(st, expected, inst, now);
-        if q.status.is_some_and(|s| s != status) {
-            continue;
-        }
-        matching.push((severity(status), drift, inst, status));
-    }
-    let total = matching.len() as u64;
-    let skip = (u64::from(page) - 1) * u64::from(per_page);
-    let items = if skip >= total {
-        Vec::new()
-    } else {
-        let skip = skip as usize;
-        let end = (skip + per_page as usize).min(matching.len());
-        let key = |a: &Entry<'_>| (a.0, std::cmp::Reverse(a.1));
-        let cmp = |a: &Entry<'_>, b: &Entry<'_>| {
-            key(a)
-                .cmp(&key(b))
-                .then_with(|| a.2.instance_id.cmp(&b.2.instance_id))
-        };
-        // Only the requested page needs to be in order: select, then sort that much.
-        if end < matching.len() {
-            matching.select_nth_unstable_by(end, cmp);
-            matching.truncate(end);
-        }
-        matching.sort_unstable_by(cmp);
-        matching
-            .into_iter()
-            .skip(skip)
-            .map(|(_, drift, instance, status)| InstanceStatus {
-                instance: instance.clone(),
-                status,
-                drift_secs: drift,
-            })
-            .collect()
+    let scopes: Vec<&ServiceCounts> = services
+        .iter()
+        .filter(|s| {
+            q.env.as_deref().is_none_or(|e| e == s.env)
+                && q.service.as_deref().is_none_or(|v| v == s.service)
+        })
+        .collect();
+    let classes: Vec<Status> = ORDER
+        .into_iter()
+        .filter(|s| q.status.is_none_or(|x| x == *s))
+        .collect();
+    let in_class = |s: Status| -> u64 {
+        scopes
+            .iter()
+            .map(|c| u64::from(count_of(&c.counts, s)))
+            .sum()
     };
+    let total: u64 = classes.iter().map(|s| in_class(*s)).sum();
+    let start = (u64::from(page) - 1) * u64::from(per_page);
+    let end = start + u64::from(per_page);
+    let mut before = 0u64;
+    let mut items = Vec::new();
+    for status in classes {
+        let n = in_class(status);
+        if before >= end {
+            break;
+        }
+        if before + n <= start {
+            before += n;
+            continue;
+        }
+        let mut found: Vec<(u64, &Instance)> = Vec::new();
+        for sc in scopes.iter().filter(|c| count_of(&c.counts, status) > 0) {
+            let exp = expected_of(expected, &sc.env, &sc.service);
+            for inst in fleet.of_service(&sc.env, &sc.service) {
+                let missing = now - inst.last_seen > ttl;
+                let st = instance_status(
+                    exp.map(|c| &c.release.release),
+                    &inst.version_id,
+                    &inst.components,
+                    missing,
+                );
+                if st == status {
+                    let drift = drift_secs(
+                        st,
+                        now,
+                        inst,
+                        exp.map(|c| c.release.registered_at),
+                        ttl.as_secs(),
+                    );
+                    found.push((drift, inst));
+                }
+            }
+        }
+        let cmp = |a: &(u64, &Instance), b: &(u64, &Instance)| {
+            b.0.cmp(&a.0)
+                .then_with(|| a.1.instance_id.cmp(&b.1.instance_id))
+        };
+        let lo = start.saturating_sub(before) as usize;
+        let hi = (end.saturating_sub(before) as usize).min(found.len());
+        // Only the part up to the page's end needs ordering: select, then sort that much.
+        if hi < found.len() {
+            found.select_nth_unstable_by(hi, cmp);
+            found.truncate(hi);
+        }
+        found.sort_unstable_by(cmp);
+        items.extend(
+            found
+                .into_iter()
+                .skip(lo)
+                .map(|(drift, inst)| InstanceStatus {
+                    instance: inst.clone(),
+                    status,
+                    drift_secs: drift,
+                }),
+        );
+        before += n;
+    }
     InstancePage {
         page,
         per_page,

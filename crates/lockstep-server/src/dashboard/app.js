@@ -145,15 +145,16 @@
     const root = svg('svg', { viewBox: `0 0 ${w} ${h + 30}`, class: 'chart' });
     list.forEach((d, i) => {
       const pending = d.convergence_secs === null;
+      const status = d.superseded ? 'replaced before converging'
+        : pending ? 'not converged yet' : `converged in ${secs(d.convergence_secs)}`;
       const bh = pending ? h - 20 : Math.max(2, Math.round((d.convergence_secs / max) * (h - 20)));
       const x = i * bw + 3;
-      const g = svg('g', { class: pending ? 'bar pending' : 'bar converged' });
-      g.append(svg('title', {}, `${d.env}/${d.service} ${d.version} (${d.kind}) ` +
-        `registered ${new Date(d.registered_at).toLocaleString()}: ` +
-        (pending ? 'not converged yet' : `converged in ${secs(d.convergence_secs)}`)));
+      const g = svg('g', { class: d.superseded ? 'bar superseded' : pending ? 'bar pending' : 'bar converged' });
+      g.append(svg('title', {}, `${d.env}/${d.service} ${d.version} ` +
+        `registered ${new Date(d.registered_at).toLocaleString()}: ${status}`));
       g.append(svg('rect', { x, y: h - bh, width: Math.max(bw - 6, 2), height: bh, rx: 2 }));
       g.append(svg('text', { x: x + (bw - 6) / 2, y: h - bh - 4, class: 'num' },
-        pending ? '…' : secs(d.convergence_secs)));
+        d.superseded ? '×' : pending ? '…' : secs(d.convergence_secs)));
       g.append(svg('text', { x: x + (bw - 6) / 2, y: h + 18, class: 'axis' }, d.service.slice(0, 10)));
       root.append(g);
     });
@@ -164,7 +165,8 @@
       el('tbody', {}, ...deploys.slice(0, 5).map((d) => el('tr', {},
         el('td', {}, `${d.env}/${d.service}`), el('td', { class: 'mono' }, d.version),
         el('td', {}, new Date(d.registered_at).toLocaleTimeString()),
-        el('td', {}, d.convergence_secs === null ? 'not yet' : secs(d.convergence_secs))))));
+        el('td', {}, d.superseded ? 'replaced' : d.convergence_secs === null ? 'not yet'
+          : secs(d.convergence_secs))))));
     fig.replaceChildren(root, table);
   }
 
