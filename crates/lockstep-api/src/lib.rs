@@ -2,6 +2,11 @@
 //! and the header names. Shared by the server, the client library, the CLI and the gateway so
 //! that a field renamed in one place is renamed everywhere.
 
+mod dashboard;
+pub use dashboard::{
+    DashboardReport, Deploy, InstancePage, LoginAnswer, LoginRequest, ServiceCounts,
+};
+
 use lockstep_core::{Instance, Release, Role, Status, StatusCounts, StoredRelease};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

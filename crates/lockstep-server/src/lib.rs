@@ -9,6 +9,7 @@
 mod admin;
 mod auth;
 pub mod compat;
+mod dashboard;
 mod error;
 mod instance_stream;
 mod instances;
@@ -136,6 +137,7 @@ impl Registry {
                 get(admin::list_tokens).post(admin::create_token),
             )
             .route("/v1/tokens/{name}", delete(admin::revoke_token))
+            .route("/v1/dashboard", get(dashboard::dashboard))
             .method_not_allowed_fallback(|| async {
                 (
                     axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -154,6 +156,10 @@ impl Registry {
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
+            .route("/", get(dashboard::index))
+            .route("/login", post(dashboard::login))
+            .route("/logout", post(dashboard::logout))
+            .route("/assets/{name}", get(dashboard::asset))
             .fallback(|| async {
                 ApiError::NotFound(
                     lockstep_api::codes::NOT_FOUND,

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, instances, releases, status, stream};
+use crate::{admin, dashboard, instances, releases, status, stream};
 
 /// The generated document.
 #[derive(OpenApi)]
@@ -18,6 +18,7 @@ use crate::{admin, instances, releases, status, stream};
         status::status, status::services,
         admin::events, admin::create_token, admin::list_tokens, admin::revoke_token,
         admin::healthz, admin::readyz, crate::metrics::metrics,
+        dashboard::dashboard,
     ),
     components(schemas(
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
@@ -27,6 +28,8 @@ use crate::{admin, instances, releases, status, stream};
         lockstep_api::CreateToken, lockstep_api::CreatedToken, lockstep_api::TokenInfo,
         lockstep_api::TokenList, lockstep_api::Health, lockstep_api::ServiceIndex,
         lockstep_api::EnvServices, lockstep_api::InstanceSnapshot, lockstep_api::InstanceRemoved,
+        lockstep_api::DashboardReport, lockstep_api::ServiceCounts, lockstep_api::Deploy,
+        lockstep_api::InstancePage,
         lockstep_core::Release, lockstep_core::StoredRelease, lockstep_core::Instance,
         lockstep_core::Status, lockstep_core::StatusCounts, lockstep_core::Role,
         lockstep_core::RegistrationKind,

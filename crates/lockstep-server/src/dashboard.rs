@@ -1,0 +1,609 @@
+//! The live dashboard: the page at `/` (a sign-in form without a valid session), the session
+//! cookie (`POST /login`, `POST /logout`), its embedded assets (`/assets/*`), and its data
+//! endpoint `GET /v1/dashboard`.
+//!
+//! The session is the token itself in an HttpOnly, SameSite=Strict cookie: nothing to store
+//! server-side, and revoking the token ends the session. Every non-GET request the cookie
+//! authenticates must carry `X-CSRF-Token` (derived from the token), so a page on another
+//! origin cannot act with it even where SameSite is not enforced.
+//!
+//! Every asset is compiled into the binary (`include_str!`): the dashboard works on a host
+//! with no internet access, and what the browser runs is what was reviewed. The charts are
+//! small hand-written SVG (`dashboard/app.js`), no library.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use lockstep_api::{
+    DashboardReport, Deploy, ErrorBody, InstancePage, InstanceStatus, LoginAnswer, LoginRequest,
+    ServiceCounts,
+};
+use lockstep_core::{
+    Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id, validate_name,
+};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+use crate::auth::{self, Auth, Principal, SESSION_COOKIE, csrf_token};
+use crate::error::ApiError;
+use crate::service::Poisoned;
+use crate::service::fleet::Fleet;
+use crate::service::projection::Change;
+use crate::state::AppState;
+
+/// Largest page of instances `/v1/dashboard` returns.
+pub const MAX_PER_PAGE: u32 = 500;
+/// Default page size of `/v1/dashboard`.
+pub const DEFAULT_PER_PAGE: u32 = 60;
+/// How many recent deploys `/v1/dashboard` lists.
+pub const DEPLOYS_SHOWN: usize = 20;
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const LOGIN_HTML: &str = include_str!("dashboard/login.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const APP_CSS: &str = include_str!("dashboard/app.css");
+const ICON_SVG: &str = include_str!("dashboard/icon.svg");
+
+/// Only our own files, no inline script or style: an injected string cannot run.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The principal of a valid session with at least the viewer role.
+fn session(st: &AppState, headers: &HeaderMap) -> Option<(String, Principal)> {
+    let token = auth::cookie(headers, SESSION_COOKIE)?;
+    let p = st.service.projection().tokens.lookup(token)?;
+    p.role.allows(Role::Viewer).then(|| (token.to_string(), p))
+}
+
+fn html(body: String) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    r
+}
+
+/// Escapes text for an HTML attribute or element.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// Query of `GET /`.
+#[derive(Debug, Default, Deserialize)]
+pub struct IndexQuery {
+    /// `failed` after a refused form sign-in.
+    login: Option<String>,
+}
+
+/// `GET /`: the dashboard with a valid session, else the sign-in form.
+pub async fn index(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<IndexQuery>,
+    headers: HeaderMap,
+) -> Response {
+    match session(&st, &headers) {
+        Some((token, p)) => html(
+            INDEX_HTML
+                .replace("{{CSRF}}", &csrf_token(&token))
+                .replace("{{NAME}}", &escape(&p.name))
+                .replace("{{ROLE}}", p.role.as_str()),
+        ),
+        None => {
+            let msg = if q.login.as_deref() == Some("failed") {
+                "That token is not valid here, or it lacks the viewer role."
+            } else {
+                ""
+            };
+            html(LOGIN_HTML.replace("{{ERROR}}", msg))
+        }
+    }
+}
+
+/// Whether the request came over HTTPS (directly or through a proxy that says so).
+fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// The `Set-Cookie` value of a session (or, with `None`, of its removal).
+pub fn session_cookie(token: Option<&str>, secure: bool) -> String {
+    let mut c = match token {
+        Some(t) => format!("{SESSION_COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/"),
+        None => format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    };
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// A cross-origin sign-in (login CSRF: someone else's token planted in this browser) is
+/// refused when the browser says where the form came from: `Sec-Fetch-Site` where it is
+/// sent (every current browser), else `Origin`. Chromium sends `Origin: null` on some
+/// same-origin form posts, so only a concrete other origin is refused by the fallback.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = text(header::ORIGIN.as_str()).filter(|o| *o != "null") else {
+        return true;
+    };
+    let host = text(header::HOST.as_str()).unwrap_or_default();
+    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+    origin_host.eq_ignore_ascii_case(host)
+}
+
+/// `POST /login`: the token from a JSON body or a form field `token`; sets the session
+/// cookie and answers the CSRF token (JSON), or redirects to `/` (form).
+pub async fn login(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !same_origin(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error: lockstep_api::codes::FORBIDDEN.into(),
+                message: "a sign-in posted from another origin is refused".into(),
+            }),
+        )
+            .into_response();
+    }
+    let token = if is_json {
+        match serde_json::from_slice::<LoginRequest>(&body) {
+            Ok(r) => r.token,
+            Err(e) => return ApiError::BadRequest(format!("login body: {e}")).into_response(),
+        }
+    } else {
+        match serde_urlencoded::from_bytes::<LoginRequest>(&body) {
+            Ok(r) => r.token,
+            Err(_) => {
+                return ApiError::BadRequest("send a form field `token` or JSON".into())
+                    .into_response();
+            }
+        }
+    };
+    let token = token.trim();
+    let principal = st.service.projection().tokens.lookup(token);
+    let principal = match principal {
+        Some(p) if p.role.allows(Role::Viewer) => p,
+        other => {
+            tracing::info!(known = other.is_some(), "dashboard sign-in refused");
+            if !is_json {
+                return redirect("/?login=failed");
+            }
+            return match other {
+                Some(_) => ApiError::Forbidden("viewer").into_response(),
+                None => ApiError::Unauthorized.into_response(),
+            };
+        }
+    };
+    tracing::info!(name = %principal.name, "dashboard sign-in");
+    let cookie = session_cookie(Some(token), over_https(&headers));
+    let mut resp = if is_json {
+        Json(LoginAnswer {
+            csrf_token: csrf_token(token),
+            name: principal.name,
+            role: principal.role.as_str().to_string(),
+        })
+        .into_response()
+    } else {
+        redirect("/")
+    };
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn redirect(to: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
+}
+
+/// `POST /logout`: removes the session cookie (the token itself stays valid).
+pub async fn logout(headers: HeaderMap) -> Response {
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&session_cookie(None, over_https(&headers))) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// `GET /assets/{name}`: a file compiled into the binary.
+pub async fn asset(Path(name): Path<String>) -> Response {
+    let (ty, body) = match name.as_str() {
+        "app.js" => ("text/javascript; charset=utf-8", APP_JS),
+        "app.css" => ("text/css; charset=utf-8", APP_CSS),
+        "icon.svg" => ("image/svg+xml", ICON_SVG),
+        _ => {
+            return ApiError::NotFound(lockstep_api::codes::NOT_FOUND, "no such asset".into())
+                .into_response();
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, ty),
+            // Revalidated on every load: a new binary's assets are picked up at once.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Filters and paging of `GET /v1/dashboard`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DashboardQuery {
+    /// Only instances of this environment (the summary stays fleet-wide).
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub env: Option<String>,
+    /// Only instances of this service.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub service: Option<String>,
+    /// Only instances with this status.
+    pub status: Option<Status>,
+    /// 1-based page of instances (default 1).
+    #[param(minimum = 1, maximum = 4294967295_u64)]
+    pub page: Option<u32>,
+    /// Instances per page (default 60, at most 500).
+    #[param(minimum = 1, maximum = 500)]
+    pub per_page: Option<u32>,
+}
+
+/// The fleet's summary, its per-service counts and recent deploys, and one page of
+/// instances.
+#[utoipa::path(get, path = "/v1/dashboard", tag = "status", params(DashboardQuery),
+    responses(
+        (status = 200, description = "summary, counts, deploys and a page of instances", body = DashboardReport),
+        (status = 400, description = "`bad_request`: a bad filter, page or page size", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
+        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn dashboard(
+    Auth(_who, _): Auth<auth::Viewer>,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<DashboardQuery>,
+) -> Result<Json<DashboardReport>, ApiError> {
+    if let Some(e) = &q.env {
+        validate_name("environment", e)?;
+    }
+    if let Some(s) = &q.service {
+        validate_name("service", s)?;
+    }
+    let page = q.page.unwrap_or(1);
+    let per_page = q.per_page.unwrap_or(DEFAULT_PER_PAGE);
+    if page == 0 {
+        return Err(ApiError::BadRequest("page starts at 1".into()));
+    }
+    if per_page == 0 || per_page > MAX_PER_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "per_page must be between 1 and {MAX_PER_PAGE}"
+        )));
+    }
+    Ok(Json(report(&st, &q, page, per_page)?))
+}
+
+/// Builds the whole answer.
+pub fn report(
+    st: &AppState,
+    q: &DashboardQuery,
+    page: u32,
+    per_page: u32,
+) -> Result<DashboardReport, Poisoned> {
+    let now = OffsetDateTime::now_utc();
+    let projection = st.service.projection();
+    let ttl = projection.instance_ttl();
+    let expected = expected_map(st)?;
+    let (services, instances) = projection.with_fleet(|fleet| {
+        let services = service_counts(fleet, &expected, now, ttl);
+        let page = instance_page(fleet, &expected, &services, q, now, ttl, page, per_page);
+        (services, page)
+    })?;
+    let deploys = deploys(st)?;
+    let (active_alerts, last_drift_check) = alert_summary(st);
+    let mut t = StatusCounts::default();
+    for s in &services {
+        for status in ORDER {
+            add(&mut t, status, count_of(&s.counts, status));
+        }
+    }
+    let sum = |c: &StatusCounts| {
+        u64::from(c.current)
+            + u64::from(c.draining)
+            + u64::from(c.stale)
+            + u64::from(c.missing)
+            + u64::from(c.unknown)
+    };
+    Ok(DashboardReport {
+        total_workers: sum(&t),
+        up_to_date_workers: u64::from(t.current),
+        outdated_workers: u64::from(t.stale) + u64::from(t.draining),
+        unhealthy_workers: u64::from(t.missing),
+        active_alerts,
+        health_score: health_score(&t),
+        last_drift_check,
+        counts: t,
+        services,
+        deploys,
+        instances,
+        generated_at: now,
+    })
+}
+
+/// The health score, 0–100 with one decimal (docs/dashboard.md):
+/// `100 × (current + ½·draining) / (current + draining + stale + missing)`, and 100 for a
+/// fleet with no instance to judge. Instances of a service without an expected release
+/// (`unknown`) are left out: there is nothing to be behind.
+pub fn health_score(c: &StatusCounts) -> f64 {
+    let judged =
+        f64::from(c.current) + f64::from(c.draining) + f64::from(c.stale) + f64::from(c.missing);
+    if judged == 0.0 {
+        return 100.0;
+    }
+    let good = f64::from(c.current) + 0.5 * f64::from(c.draining);
+    (1000.0 * good / judged).round() / 10.0
+}
+
+/// Open alerts and the drift detector's last run.
+///
+/// Wired at merge to the alerts branch's handle; until then this registry has no detector,
+/// so there is nothing open and no check to report. The body becomes:
+/// `let a = st.service.alerts(); (a.open_counts().iter().map(|(_, n)| n).sum(), a.last_drift_check())`
+pub fn alert_summary(_st: &AppState) -> (u64, Option<OffsetDateTime>) {
+    (0, None)
+}
+
+/// Expected releases by env, then service.
+type Expected = HashMap<String, HashMap<String, Arc<Change>>>;
+
+fn expected_map(st: &AppState) -> Result<Expected, Poisoned> {
+    let mut m: Expected = HashMap::new();
+    for c in st.service.projection().all_expected()? {
+        m.entry(c.release.env.clone())
+            .or_default()
+            .insert(c.release.service.clone(), c);
+    }
+    Ok(m)
+}
+
+fn expected_of<'a>(expected: &'a Expected, env: &str, service: &str) -> Option<&'a Arc<Change>> {
+    expected.get(env).and_then(|m| m.get(service))
+}
+
+/// Worst first: what needs attention is on the first page.
+const ORDER: [Status; 5] = [
+    Status::Missing,
+    Status::Stale,
+    Status::Draining,
+    Status::Unknown,
+    Status::Current,
+];
+
+fn count_of(c: &StatusCounts, s: Status) -> u32 {
+    match s {
+        Status::Current => c.current,
+        Status::Draining => c.draining,
+        Status::Stale => c.stale,
+        Status::Missing => c.missing,
+        Status::Unknown => c.unknown,
+    }
+}
+
+fn add(c: &mut StatusCounts, s: Status, n: u32) {
+    match s {
+        Status::Current => c.current += n,
+        Status::Draining => c.draining += n,
+        Status::Stale => c.stale += n,
+        Status::Missing => c.missing += n,
+        Status::Unknown => c.unknown += n,
+    }
+}
+
+/// Counts per env/service from the projection's per-service index (cost: the number of
+/// distinct versions per service, not the number of instances), plus the services that
+/// have a release and no instance.
+fn service_counts(
+    fleet: &Fleet,
+    expected: &Expected,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Vec<ServiceCounts> {
+    let mut scopes: BTreeSet<(&str, &str)> = fleet
+        .scopes()
+        .map(|(e, s)| (e.as_str(), s.as_str()))
+        .collect();
+    for (env, m) in expected {
+        for svc in m.keys() {
+            scopes.insert((env.as_str(), svc.as_str()));
+        }
+    }
+    scopes
+        .into_iter()
+        .map(|(env, service)| {
+            let exp = expected_of(expected, env, service);
+            let counts = fleet
+                .counts(
+                    env,
+                    service,
+                    exp.map(|c| (&c.release.release, c.release.registered_at)),
+                    now,
+                    ttl,
+                )
+                .counts;
+            ServiceCounts {
+                env: env.to_string(),
+                service: service.to_string(),
+                expected_version: exp.map(|c| short_id(&c.release.release.version_id).to_string()),
+                counts,
+            }
+        })
+        .collect()
+}
+
+/// The most recent release changes with their convergence, newest first.
+fn deploys(st: &AppState) -> Result<Vec<Deploy>, Poisoned> {
+    Ok(st
+        .service
+        .projection()
+        .convergence()?
+        .into_iter()
+        .take(DEPLOYS_SHOWN)
+        .map(|c| Deploy {
+            version: short_id(&c.version_id).to_string(),
+            revision: c.revision,
+            registered_at: c.registered_at,
+            converged_at: c.converged_at,
+            convergence_secs: c
+                .converged_at
+                .map(|at| (at - c.registered_at).whole_seconds().max(0) as u64),
+            superseded: c.superseded,
+            env: c.env,
+            service: c.service,
+        })
+        .collect())
+}
+
+/// One page of instances matching the filters, worst status first, then longest drift,
+/// then instance id.
+///
+/// The per-service counts say how many instances each status has where, so only the
+/// statuses that reach into the requested page are read, and only in the services that
+/// have instances of that status; only the page itself is copied.
+#[allow(clippy::too_many_arguments)]
+fn instance_page(
+    fleet: &Fleet,
+    expected: &Expected,
+    services: &[ServiceCounts],
+    q: &DashboardQuery,
+    now: OffsetDateTime,
+    ttl: Duration,
+    page: u32,
+    per_page: u32,
+) -> InstancePage {
+    let scopes: Vec<&ServiceCounts> = services
+        .iter()
+        .filter(|s| {
+            q.env.as_deref().is_none_or(|e| e == s.env)
+                && q.service.as_deref().is_none_or(|v| v == s.service)
+        })
+        .collect();
+    let classes: Vec<Status> = ORDER
+        .into_iter()
+        .filter(|s| q.status.is_none_or(|x| x == *s))
+        .collect();
+    let in_class = |s: Status| -> u64 {
+        scopes
+            .iter()
+            .map(|c| u64::from(count_of(&c.counts, s)))
+            .sum()
+    };
+    let total: u64 = classes.iter().map(|s| in_class(*s)).sum();
+    let start = (u64::from(page) - 1) * u64::from(per_page);
+    let end = start + u64::from(per_page);
+    let mut before = 0u64;
+    let mut items = Vec::new();
+    for status in classes {
+        let n = in_class(status);
+        if before >= end {
+            break;
+        }
+        if before + n <= start {
+            before += n;
+            continue;
+        }
+        let mut found: Vec<(u64, &Instance)> = Vec::new();
+        for sc in scopes.iter().filter(|c| count_of(&c.counts, status) > 0) {
+            let exp = expected_of(expected, &sc.env, &sc.service);
+            for inst in fleet.of_service(&sc.env, &sc.service) {
+                let missing = now - inst.last_seen > ttl;
+                let st = instance_status(
+                    exp.map(|c| &c.release.release),
+                    &inst.version_id,
+                    &inst.components,
+                    missing,
+                );
+                if st == status {
+                    let drift = drift_secs(
+                        st,
+                        now,
+                        inst,
+                        exp.map(|c| c.release.registered_at),
+                        ttl.as_secs(),
+                    );
+                    found.push((drift, inst));
+                }
+            }
+        }
+        let cmp = |a: &(u64, &Instance), b: &(u64, &Instance)| {
+            b.0.cmp(&a.0)
+                .then_with(|| a.1.instance_id.cmp(&b.1.instance_id))
+        };
+        let lo = start.saturating_sub(before) as usize;
+        let hi = (end.saturating_sub(before) as usize).min(found.len());
+        // Only the part up to the page's end needs ordering: select, then sort that much.
+        if hi < found.len() {
+            found.select_nth_unstable_by(hi, cmp);
+            found.truncate(hi);
+        }
+        found.sort_unstable_by(cmp);
+        items.extend(
+            found
+                .into_iter()
+                .skip(lo)
+                .map(|(drift, inst)| InstanceStatus {
+                    instance: inst.clone(),
+                    status,
+                    drift_secs: drift,
+                }),
+        );
+        before += n;
+    }
+    InstancePage {
+        page,
+        per_page,
+        total,
+        items,
+    }
+}
