@@ -1,4 +1,5 @@
-"""Schemathesis for the two Server-Sent Event streams (`/v1/watch`, `/v1/events/stream`).
+"""Schemathesis for the Server-Sent Event streams (`/v1/watch`, `/v1/events/stream`,
+`/v1/instances/watch`).
 
 The schemathesis CLI reads every body to its end, and these answer 200 and then never end,
 so the CLI run in api-check.sh leaves them out and this drives them instead: the same
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
-SSE_PATHS = ("/v1/watch", "/v1/events/stream")
+SSE_PATHS = ("/v1/watch", "/v1/events/stream", "/v1/instances/watch")
 
 
 def main() -> int:
