@@ -21,6 +21,8 @@ pub mod codes {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The token's role does not allow the call.
     pub const FORBIDDEN: &str = "forbidden";
+    /// 403: a cookie-authenticated request without its CSRF header.
+    pub const CSRF: &str = "csrf";
     /// No release registered for the service.
     pub const NO_RELEASE: &str = "no_release";
     /// Something else that does not exist.

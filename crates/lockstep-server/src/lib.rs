@@ -18,9 +18,10 @@ mod state;
 mod status;
 mod stream;
 
-pub use auth::{generate_token, hash_token};
+pub use auth::csrf_token;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
+pub use service::tokens::{generate_token, hash_token};
 pub use service::{BOOTSTRAP_TOKEN_NAME, RegistryError, RegistryService};
 pub use state::{Config, default_replica_id};
 

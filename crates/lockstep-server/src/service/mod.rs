@@ -7,8 +7,10 @@
 //! — so the caller's next read on this replica sees it, and every other replica sees it
 //! through its own projector, never through this handler.
 
+pub mod config;
 pub mod leader;
 pub mod projection;
+pub mod tokens;
 
 use lockstep_api::{CreatedToken, Event, Heartbeat, PutRelease, RollbackRequest};
 use lockstep_core::{
@@ -22,10 +24,10 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::auth::{generate_token, hash_token};
-use crate::state::Config;
+pub use config::Config;
 pub use leader::Leadership;
 pub use projection::{Change, Cursors, InstanceSink, Poisoned, Projection};
+use tokens::{generate_token, hash_token};
 
 /// Name of the bootstrap admin token.
 pub const BOOTSTRAP_TOKEN_NAME: &str = "admin";

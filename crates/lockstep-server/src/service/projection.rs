@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::auth::{Principal, TokenSet};
+use super::tokens::{Principal, TokenSet};
 
 /// How many items one catch-up read fetches.
 pub(crate) const PAGE: u32 = 1000;
