@@ -1,6 +1,7 @@
 //! `lockstep`: the registry server and the command-line tools around it. Thin by design:
 //! parsing, wiring and output formatting live here; behaviour lives in the library crates.
 
+mod cmd_alerts;
 mod cmd_demo;
 mod cmd_fleet;
 mod cmd_guard;
@@ -8,6 +9,7 @@ mod cmd_release;
 mod cmd_serve;
 mod cmd_token;
 mod exit;
+mod serve_config;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -89,6 +91,9 @@ enum Command {
     /// Create, list and revoke API tokens.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
+    /// List and acknowledge drift alerts.
+    #[command(subcommand)]
+    Alerts(cmd_alerts::AlertsCommand),
     /// Run any worker under startup guards and stop it when it becomes stale.
     Guard(cmd_guard::GuardArgs),
     /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
@@ -233,6 +238,7 @@ fn main() -> ExitCode {
             Command::Forget(a) => cmd_fleet::forget(a).await,
             Command::Detect(a) => cmd_release::detect(a),
             Command::Token(c) => cmd_token::run(c).await,
+            Command::Alerts(c) => cmd_alerts::run(c).await,
             Command::Guard(a) => cmd_guard::run(a).await,
             Command::Demo(a) => cmd_demo::run(a).await,
             Command::Completions(_) => Ok(exit::OK),

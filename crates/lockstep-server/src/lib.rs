@@ -7,6 +7,7 @@
 //! resolves, then drains streams and flushes heartbeats.
 
 mod admin;
+mod alerts;
 mod auth;
 mod error;
 mod instances;
@@ -132,6 +133,12 @@ impl Registry {
             });
         Router::new()
             .merge(v1)
+            .route("/v1/alerts", get(alerts::list))
+            .route("/v1/alerts/{id}/ack", post(alerts::ack))
+            .route(
+                "/v1/alert-channels",
+                get(alerts::get_channels).put(alerts::put_channels),
+            )
             .route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(admin::metrics))
