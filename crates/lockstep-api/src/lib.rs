@@ -215,6 +215,26 @@ pub struct InstanceStatus {
     pub drift_secs: u64,
 }
 
+/// The first event of `GET /v1/instances/watch`: every instance of the scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceSnapshot {
+    /// The instances with their status, ordered by environment, service and id.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// An instance gone from `GET /v1/instances/watch` (event `removed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceRemoved {
+    /// The instance.
+    pub instance_id: String,
+    /// Its environment.
+    pub env: String,
+    /// Its service.
+    pub service: String,
+    /// `deregistered`, `missing` or `forgotten`.
+    pub reason: String,
+}
+
 /// One service in `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceStatus {

@@ -120,6 +120,7 @@ impl From<StoreError> for ApiError {
             ),
             // The database is away (or refusing): retryable, and said without detail.
             StoreError::Database(e) => {
+                crate::service::metrics::store_error();
                 tracing::error!(error = %e, "store failure");
                 ApiError::Unavailable
             }

@@ -10,8 +10,10 @@ mod admin;
 mod alerts;
 mod auth;
 mod error;
+mod instance_stream;
 mod instances;
 mod json;
+mod metrics;
 mod openapi;
 mod releases;
 pub mod service;
@@ -81,6 +83,7 @@ impl Registry {
             config,
             shutdown: shutdown_rx,
             counters: Counters::default(),
+            http: Default::default(),
         });
         Ok(Registry {
             state,
@@ -111,6 +114,7 @@ impl Registry {
             )
             .route("/v1/watch", get(stream::watch))
             .route("/v1/instances", post(instances::heartbeat))
+            .route("/v1/instances/watch", get(instance_stream::watch_instances))
             .route("/v1/instances/{id}", delete(instances::deregister))
             .route("/v1/status", get(status::status))
             .route("/v1/services", get(status::services))
@@ -141,7 +145,7 @@ impl Registry {
             )
             .route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
-            .route("/metrics", get(admin::metrics))
+            .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
             .fallback(|| async {
                 ApiError::NotFound(
@@ -149,6 +153,12 @@ impl Registry {
                     "no such endpoint; see /openapi.json".into(),
                 )
             })
+            // Inside the routes (Router::layer runs after routing), so the matched route
+            // names the series; outside the error mapping, so the final status is counted.
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                metrics::track,
+            ))
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))

@@ -27,4 +27,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Metrics.
     pub counters: Counters,
+    /// HTTP request counts and latency.
+    pub http: crate::metrics::HttpMetrics,
 }
