@@ -275,6 +275,10 @@ impl Notifier {
             d.attempts,
             result,
         );
+        // Recorded first, counted after: the counters say what the store says.
+        s.store
+            .record_delivery(&s.holder, d.id, outcome.clone())
+            .await?;
         match &outcome {
             DeliveryOutcome::Sent => {
                 tracing::info!(channel = %d.channel, delivery = d.id, alerts = d.alerts, "alert delivered");
@@ -297,7 +301,6 @@ impl Notifier {
                 });
             }
         }
-        s.store.record_delivery(&s.holder, d.id, outcome).await?;
         Ok(())
     }
 }
