@@ -192,17 +192,20 @@ mod tests {
         }
     }
 
+    /// (last sent, now, queued, expected).
+    type Case<'a> = (
+        Option<OffsetDateTime>,
+        OffsetDateTime,
+        Vec<&'a Notification>,
+        Option<Batch>,
+    );
+
     #[test]
     fn the_rate_limit_sends_at_once_after_quiet_and_batches_within_the_window() {
         let w = Duration::from_secs(60);
         let a = note(1);
         let b = note(2);
-        let cases: [(
-            Option<OffsetDateTime>,
-            OffsetDateTime,
-            Vec<&Notification>,
-            Option<Batch>,
-        ); 5] = [
+        let cases: [Case; 5] = [
             (None, T0, vec![], None),
             (None, T0, vec![&a], Some(Batch::Send(vec![1]))),
             (None, T0, vec![&a, &b], Some(Batch::Send(vec![1, 2]))),

@@ -23,7 +23,7 @@ pub enum AlertWrite {
     /// Opens an alert for (instance, condition) — or, when one is open, raises its severity
     /// to the given one if that is higher (else nothing). `alert_id`, `state`, the
     /// acknowledgement and `resolved_at` of the given alert are ignored.
-    Raise(Alert),
+    Raise(Box<Alert>),
     /// Resolves the open alert of (instance, condition), if any.
     Resolve {
         /// The instance.
@@ -297,7 +297,7 @@ macro_rules! alert_ops {
                                 .await?;
                                 new.alert_id = id.to_string();
                                 let ev = alert_event("alert_opened", &new, None, None)?;
-                                out.push((new, ev));
+                                out.push((*new, ev));
                             }
                             Some(mut have) if new.severity > have.severity => {
                                 have.severity = new.severity;

@@ -827,7 +827,7 @@ async fn take_lease(store: &dyn Store, holder: &str) {
 
 async fn alerts_open_escalate_ack_and_resolve_once_with_their_events(store: &dyn Store) {
     use lockstep_core::{Condition, Severity};
-    let raise = |s| AlertWrite::Raise(sample_alert("al-1", Condition::Stale, s));
+    let raise = |s| AlertWrite::Raise(Box::new(sample_alert("al-1", Condition::Stale, s)));
     assert!(matches!(
         store
             .apply_alerts("nobody", vec![raise(Severity::Low)])
@@ -1144,11 +1144,11 @@ async fn racing_replicas_open_one_alert_per_condition(a: Arc<dyn Store>, b: Arc<
         tasks.push(tokio::spawn(async move {
             s.apply_alerts(
                 "race",
-                vec![AlertWrite::Raise(sample_alert(
+                vec![AlertWrite::Raise(Box::new(sample_alert(
                     "race-1",
                     Condition::Missing,
                     sev,
-                ))],
+                )))],
             )
             .await
             .expect("raise")
@@ -1184,11 +1184,11 @@ async fn racing_replicas_open_one_alert_per_condition(a: Arc<dyn Store>, b: Arc<
     assert!(matches!(
         b.apply_alerts(
             "not-the-leader",
-            vec![AlertWrite::Raise(sample_alert(
+            vec![AlertWrite::Raise(Box::new(sample_alert(
                 "race-2",
                 Condition::Stale,
                 Severity::Low
-            ))]
+            )))]
         )
         .await,
         Err(StoreError::NotLeader)

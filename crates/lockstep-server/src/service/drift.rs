@@ -148,7 +148,7 @@ pub async fn check(svc: &RegistryService, now: OffsetDateTime) -> Result<usize, 
     let actions = plan_alerts(&open, &observed, &settings.thresholds);
     let raise = |id: &str, c: Condition, sev| -> Option<AlertWrite> {
         let s = seen.get(&(id.to_string(), c))?;
-        Some(AlertWrite::Raise(Alert {
+        Some(AlertWrite::Raise(Box::new(Alert {
             alert_id: String::new(),
             instance_id: s.instance.instance_id.clone(),
             worker_id: s.instance.instance_id.clone(),
@@ -168,7 +168,7 @@ pub async fn check(svc: &RegistryService, now: OffsetDateTime) -> Result<usize, 
             acknowledged: false,
             acknowledged_by: None,
             acknowledged_at: None,
-        }))
+        })))
     };
     let writes: Vec<AlertWrite> = actions
         .iter()
