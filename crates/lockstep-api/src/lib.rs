@@ -519,8 +519,11 @@ pub struct ChannelConfig {
     /// `webhook`, `slack` or `email`.
     #[serde(rename = "type")]
     pub kind: ChannelKind,
-    /// Least severity sent (default `low`).
-    #[serde(default = "default_min_severity")]
+    /// Least severity sent (default `low`; `null` reads as the default).
+    #[serde(
+        default = "default_min_severity",
+        deserialize_with = "min_severity_or_default"
+    )]
     pub min_severity: lockstep_core::Severity,
     /// Webhook: URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -528,8 +531,12 @@ pub struct ChannelConfig {
     /// Webhook: method (default `POST`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// Webhook: extra headers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Webhook: extra headers (`null` reads as none).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub headers: BTreeMap<String, String>,
     /// Webhook: HMAC key of `X-Lockstep-Signature`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -559,12 +566,30 @@ pub struct ChannelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_address: Option<String>,
     /// Email: recipients.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub to_addresses: Vec<String>,
 }
 
 fn default_min_severity() -> lockstep_core::Severity {
     lockstep_core::Severity::Low
+}
+
+fn min_severity_or_default<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<lockstep_core::Severity, D::Error> {
+    Ok(Option::<lockstep_core::Severity>::deserialize(d)?.unwrap_or_else(default_min_severity))
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl ChannelConfig {
@@ -596,8 +621,99 @@ impl ChannelConfig {
 /// `GET/PUT /v1/alert-channels`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlertChannels {
-    /// Every channel.
+    /// Every channel; names are unique (a repeated name is a 409 `conflict`).
+    #[schema(value_type = Vec<ChannelSchema>)]
     pub channels: Vec<ChannelConfig>,
+}
+
+/// The OpenAPI shape of a channel, by `type` (documentation only: the wire type is the flat
+/// [`ChannelConfig`]).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ChannelSchema {
+    /// Generic JSON webhook.
+    Webhook(WebhookChannel),
+    /// Slack incoming webhook.
+    Slack(SlackChannel),
+    /// Email over SMTP.
+    Email(EmailChannel),
+}
+
+/// A webhook channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WebhookChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// Where to send.
+    #[schema(pattern = "^https?://[^\\s]+$")]
+    pub url: String,
+    /// `POST` (default) or `PUT`.
+    #[schema(pattern = "^([Pp][Oo][Ss][Tt]|[Pp][Uu][Tt])$")]
+    pub method: Option<String>,
+    /// Extra headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// HMAC key of `X-Lockstep-Signature` (masked by `GET`).
+    pub secret: Option<String>,
+}
+
+/// A Slack channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SlackChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// Incoming-webhook URL (masked by `GET`).
+    #[schema(pattern = "^(https?://[^\\s]+|\\*{8})$")]
+    pub webhook_url: String,
+    /// Channel override.
+    pub channel: Option<String>,
+    /// User name shown.
+    pub username: Option<String>,
+}
+
+/// An email channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EmailChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// SMTP server.
+    #[schema(min_length = 1)]
+    pub smtp_host: String,
+    /// SMTP port (default 587 with STARTTLS, 25 without).
+    pub smtp_port: Option<u16>,
+    /// `starttls` (default) or `plain`.
+    #[schema(pattern = "^(starttls|plain)$")]
+    pub smtp_security: Option<String>,
+    /// SMTP user.
+    pub username: Option<String>,
+    /// SMTP password (masked by `GET`).
+    pub password: Option<String>,
+    /// Sender.
+    #[schema(min_length = 1)]
+    pub from_address: String,
+    /// Recipients.
+    #[schema(min_items = 1)]
+    pub to_addresses: Vec<String>,
 }
 
 #[cfg(test)]

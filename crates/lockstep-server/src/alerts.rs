@@ -21,8 +21,18 @@ pub struct AlertsQuery {
     #[param(pattern = "^(open|resolved|all)$")]
     pub state: Option<String>,
     /// Only this environment.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub env: Option<String>,
     /// Only this service.
+    #[param(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: Option<String>,
     /// At most this many: 1 to 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -125,9 +135,10 @@ pub async fn get_channels(
 #[utoipa::path(put, path = "/v1/alert-channels", tag = "alerts", request_body = AlertChannels,
     responses(
         (status = 200, description = "the channels now, secrets masked", body = AlertChannels),
-        (status = 400, description = "`bad_request`: a duplicate name, a missing field or a bad URL", body = ErrorBody),
+        (status = 400, description = "`bad_request`: a missing field, a bad name or URL, or a masked secret with no stored value", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the admin role", body = ErrorBody),
+        (status = 409, description = "`conflict`: two channels with one name", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body exceeds 64 KiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),

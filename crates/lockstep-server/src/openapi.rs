@@ -32,8 +32,8 @@ use crate::{admin, alerts, instances, releases, status, stream};
         lockstep_core::Status, lockstep_core::StatusCounts, lockstep_core::Role,
         lockstep_core::RegistrationKind,
         lockstep_api::Alert, lockstep_api::AlertList, lockstep_api::AlertState,
-        lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelConfig,
-        lockstep_api::ChannelKind, lockstep_core::Severity, lockstep_core::Condition,
+        lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelSchema,
+        lockstep_api::WebhookChannel, lockstep_api::SlackChannel, lockstep_api::EmailChannel, lockstep_core::Severity, lockstep_core::Condition,
     )),
     modifiers(&BearerAuth),
 )]

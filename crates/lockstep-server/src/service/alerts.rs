@@ -278,8 +278,10 @@ pub fn validate_channels(channels: &[ChannelConfig]) -> Result<(), String> {
         let http_url = |v: &Option<String>, field: &str| match v.as_deref() {
             Some(u)
                 if u == lockstep_api::MASK
-                    || u.starts_with("http://")
-                    || u.starts_with("https://") =>
+                    || ((u.starts_with("http://") || u.starts_with("https://"))
+                        && u.split_once("://")
+                            .is_some_and(|(_, rest)| !rest.is_empty())
+                        && !u.chars().any(char::is_whitespace)) =>
             {
                 Ok(())
             }
@@ -369,6 +371,12 @@ impl RegistryService {
         mut channels: Vec<ChannelConfig>,
         actor: &str,
     ) -> Result<Vec<ChannelConfig>, RegistryError> {
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = channels.iter().find(|c| !names.insert(c.name.as_str())) {
+            return Err(RegistryError::Store(lockstep_store::StoreError::Conflict(
+                format!("channel {:?}", dup.name),
+            )));
+        }
         let stored = self.store.alert_channels().await?;
         for c in &mut channels {
             if let Some(old) = stored.iter().find(|o| o.name == c.name) {
