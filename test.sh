@@ -38,4 +38,5 @@ cargo test --workspace "$@"
 if [ "$#" -eq 0 ]; then
   echo "== API check (.ci/api-check.sh)"
   .ci/api-check.sh
+  .ci/clients-check.sh && .ci/ts-check.sh
 fi

@@ -192,12 +192,12 @@ struct Verdict<'a> {
     instances: Vec<VerdictLine<'a>>,
 }
 
-/// One line of `verify --output json`.
+/// One line of `verify --output json`: the verdict and the instance as `/v1/status` has it.
+/// `env` and `service` come from the instance itself — writing them here as well would put
+/// each key twice in one object, which strict JSON parsers reject.
 #[derive(Serialize)]
 struct VerdictLine<'a> {
     verdict: &'static str,
-    env: &'a str,
-    service: &'a str,
     #[serde(flatten)]
     instance: &'a InstanceStatus,
 }
@@ -206,8 +206,6 @@ impl<'a> From<&Line<'a>> for VerdictLine<'a> {
     fn from(l: &Line<'a>) -> Self {
         VerdictLine {
             verdict: l.mark.as_str(),
-            env: l.env,
-            service: l.service,
             instance: l.instance,
         }
     }

@@ -44,7 +44,11 @@ NODE_ENV set to production. There the guard refuses (exit 78, CMD never starts) 
   - the release is unknown (no GIT_SHA, no --version-id),
   - GIT_SHA differs from EXPECTED_GIT_SHA, or the release from LOCKSTEP_EXPECTED_VERSION,
   - with --service: the registry expects another release, refuses the token, is not a lockstep
-    registry, or has no release for the service while it knows others (a misspelled --service).
+    registry, or has no release for the service while it knows others (a misspelled --service),
+  - CMD goes through a development runner (tsx, ts-node, nodemon, vite-node, cargo run, go run;
+    directly or via npx, npm exec, pnpm dlx…) and --allow-dev-runner is not given.
+Heartbeats carry the child's pid, BUILD_DATE (or LOCKSTEP_BUILD_DATE) and GIT_SHA, else the
+release when it is a SHA.
 Nothing set anywhere counts as development: the same findings only warn and CMD starts (the
 registry scope and heartbeats still use the default environment, production). A registry that
 cannot be reached never blocks CMD: the guard fails open, like the watcher.
@@ -73,6 +77,10 @@ pub struct GuardArgs {
     /// How long CMD gets between SIGTERM and SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
+    /// Run CMD in production even though it goes through a development runner (tsx, ts-node,
+    /// nodemon, vite-node, cargo run, go run, also via npx/npm exec/pnpm dlx…). Logged.
+    #[arg(long)]
+    allow_dev_runner: bool,
     #[command(flatten)]
     registry: RegistryArgs,
     /// The worker command and its arguments.
@@ -85,6 +93,24 @@ fn env(k: &str) -> Option<String> {
         .ok()
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
+}
+
+/// CMD's build time from `BUILD_DATE` (else `LOCKSTEP_BUILD_DATE`): RFC 3339, or a bare
+/// `YYYY-MM-DD` (midnight UTC). Anything else is reported and left out, never sent empty.
+fn build_date() -> Option<time::OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    let (name, raw) = ["BUILD_DATE", "LOCKSTEP_BUILD_DATE"]
+        .iter()
+        .find_map(|k| env(k).map(|v| (*k, v)))?;
+    if let Ok(t) = time::OffsetDateTime::parse(&raw, &Rfc3339) {
+        return Some(t);
+    }
+    let day = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = time::Date::parse(&raw, &day) {
+        return Some(d.midnight().assume_utc());
+    }
+    eprintln!("[version] WARNING: {name} is not an RFC 3339 time or a date; not reported");
+    None
 }
 
 /// Runs the guard and supervises CMD.
@@ -105,6 +131,16 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
         .filter(|e| !e.trim().is_empty())
         .unwrap_or_else(|| lockstep_core::DEFAULT_ENV.to_string());
     let why = guard::production_reason(a.env.as_deref());
+    let mut dev_runner = guard::dev_runner(&a.command);
+    if a.allow_dev_runner
+        && let Some(runner) = dev_runner.take()
+    {
+        eprintln!(
+            "[version] WARNING: {} runs through a development runner (`{runner}`); allowed by --allow-dev-runner",
+            a.command.first().map_or("CMD", String::as_str)
+        );
+        tracing::warn!(runner = %runner, "development runner allowed by --allow-dev-runner");
+    }
     let facts = Facts {
         production: why.is_some(),
         // A wrapped program's build profile is not knowable from outside.
@@ -117,6 +153,7 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
         expected_git_sha: env("EXPECTED_GIT_SHA"),
         expected_version: env("LOCKSTEP_EXPECTED_VERSION"),
         wrapped: true,
+        dev_runner,
     };
     if !guard::report_with(&guard::evaluate(&facts), why.as_deref()) {
         return Ok(guard::EXIT_REFUSED as u8);
@@ -136,10 +173,15 @@ pub async fn run(a: GuardArgs) -> anyhow::Result<u8> {
             let mut watcher = WatcherConfig::new(&a.registry.registry, svc, &version_id);
             watcher.token = a.registry.token.clone();
             watcher.env = scope_env.clone();
+            // The mirrored `gitSha` must be the commit whenever it is known: a release
+            // identified by its SHA (`--version-id $(git rev-parse HEAD)`) is that commit.
+            let git_sha = git_sha
+                .or_else(|| lockstep_core::is_git_sha(&version_id).then(|| version_id.clone()));
             Some(Registration {
                 watcher,
                 client,
                 git_sha,
+                build_date: build_date(),
             })
         }
         None => None,

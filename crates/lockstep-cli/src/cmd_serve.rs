@@ -21,6 +21,7 @@ Examples:
   lockstep serve                                   # SQLite in ./lockstep-data, 127.0.0.1:7070
   lockstep serve --listen 0.0.0.0:7070 --data-dir /var/lib/lockstep
   LOCKSTEP_ADMIN_TOKEN=… lockstep serve --listen 127.0.0.1:0   # port 0 picks a free port
+  lockstep serve --compat authrim                  # + the source system's VersionManager routes
 
 The first start prints a bootstrap admin token once (unless LOCKSTEP_ADMIN_TOKEN is set);
 create narrower tokens with `lockstep token create`. Every flag has an environment variable
@@ -121,6 +122,26 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     alert_channels: Option<String>,
+    /// Also serve another system's API on top of the registry: `authrim` adds the source
+    /// system's VersionManager routes (`POST /api/internal/version/{worker}`, …) so its deploy
+    /// script and Worker middleware work unchanged. Off by default.
+    #[arg(long, env = "LOCKSTEP_COMPAT", value_enum, value_name = "PROFILE")]
+    compat: Option<CompatProfile>,
+    /// The environment the compatibility routes register into and read from.
+    #[arg(
+        long,
+        env = "LOCKSTEP_COMPAT_ENV",
+        default_value = "production",
+        value_name = "NAME"
+    )]
+    compat_env: String,
+}
+
+/// APIs `serve --compat` can add.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompatProfile {
+    /// The source system's VersionManager API (`/api/internal/version/{worker}`, `/version/{worker}`).
+    Authrim,
 }
 
 /// Reads `--config` and the alert flags; a bad file or value is a usage error (exit 2).
@@ -267,7 +288,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         None => None,
     };
     tracing::info!(replica = %config.replica_id, "replica");
-    let registry = Registry::open_with_mirror(
+    if args.compat.is_some() {
+        lockstep_core::validate_name("environment", &args.compat_env)
+            .map_err(|e| fail(exit::USAGE, format!("--compat-env: {e}")))?;
+    }
+    let mut registry = Registry::open_with_mirror(
         store,
         config,
         args.admin_token.as_deref().filter(|t| !t.is_empty()),
@@ -282,6 +307,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             .map_err(|e| fail(exit::USAGE, format!("alert channels: {e}")))?;
     }
     registry.service().alerts().configure(alert_settings);
+    if let Some(CompatProfile::Authrim) = args.compat {
+        tracing::info!(env = %args.compat_env, "compatibility routes on: authrim VersionManager API");
+        registry = registry.with_compat(lockstep_server::CompatConfig {
+            env: args.compat_env.clone(),
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| {

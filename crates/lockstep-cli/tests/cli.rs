@@ -155,6 +155,16 @@ fn verify_exits_0_1_and_3_in_the_right_cases() {
         (v["ok"].as_bool(), v["failing"].as_u64()),
         (Some(false), Some(1))
     );
+    // serde_json keeps the last of two equal keys; strict parsers (and jq users) do not.
+    serde_json::from_slice::<NoDuplicateKeys>(&o.stdout)
+        .expect("verify -o json has no duplicate key");
+    for i in v["instances"].as_array().expect("instances") {
+        assert_eq!(
+            (i["env"].as_str(), i["service"].as_str()),
+            (Some("production"), Some("api")),
+            "{i}"
+        );
+    }
 
     // --expect checks against a given SHA instead of the registry.
     let o = run(&["verify", "--service", "api", "--expect", "00000000-old"]);
@@ -1354,5 +1364,56 @@ fn no_colour_codes_when_output_is_redirected() {
             !out.contains('\u{1b}'),
             "ANSI escape in redirected output: {out:?}"
         );
+    }
+}
+
+/// Parses any JSON and fails on an object holding one key twice.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
     }
 }

@@ -638,3 +638,170 @@ fn a_missing_command_exits_127_and_a_non_executable_one_126() {
     let o = run(&[("GIT_SHA", SHA)], &["--", plain.to_str().unwrap_or("")]);
     assert_eq!(o.status.code(), Some(126), "{}", text(&o));
 }
+
+#[test]
+fn a_development_runner_in_production_exits_78_before_the_child_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("child-ran");
+    let touch = format!("touch {}", marker.display());
+    let runners: &[&[&str]] = &[
+        &["npx", "tsx", "worker.ts"],
+        &["npx", "--yes", "ts-node", "worker.ts"],
+        &["npm", "exec", "--", "nodemon", "worker.js"],
+        &["pnpm", "dlx", "vite-node", "worker.ts"],
+        &["tsx", "worker.ts"],
+        &["cargo", "run", "--release"],
+        &["go", "run", "./cmd/worker"],
+        &["node", "--import", "tsx", "worker.ts"],
+        &["sh", "-c", &format!("{touch}; exec npx tsx worker.ts")],
+    ];
+    for cmd in runners {
+        let mut args = vec!["--env", "production", "--version-id", SHA, "--"];
+        args.extend_from_slice(cmd);
+        let o = run(&[], &args);
+        assert_eq!(o.status.code(), Some(78), "{cmd:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("[version] FATAL:") && text(&o).contains("development runner"),
+            "{cmd:?}: {}",
+            text(&o)
+        );
+        assert!(!marker.exists(), "{cmd:?}: the child started");
+    }
+    // Outside production it only warns, and the child runs.
+    let o = run(
+        &[],
+        &[
+            "--version-id",
+            SHA,
+            "--",
+            "sh",
+            "-c",
+            &format!("{touch}; true || npx tsx w.ts"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("[version] WARNING:"), "{}", text(&o));
+    assert!(marker.exists());
+}
+
+#[test]
+fn allow_dev_runner_runs_the_child_in_production_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A stand-in named like the runner, so nothing is fetched or compiled.
+    let tsx = dir.path().join("tsx");
+    std::fs::write(&tsx, "#!/bin/sh\necho fake tsx ran \"$@\"\n").expect("write");
+    std::fs::set_permissions(&tsx, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let tsx = tsx.display().to_string();
+    let refused = run(
+        &[],
+        &[
+            "--env",
+            "production",
+            "--version-id",
+            SHA,
+            "--",
+            &tsx,
+            "w.ts",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(78), "{}", text(&refused));
+    assert!(!text(&refused).contains("fake tsx ran"));
+    let o = run(
+        &[],
+        &[
+            "--env",
+            "production",
+            "--version-id",
+            SHA,
+            "--allow-dev-runner",
+            "--",
+            &tsx,
+            "w.ts",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("fake tsx ran w.ts"), "{}", text(&o));
+    assert!(
+        text(&o).contains("allowed by --allow-dev-runner"),
+        "the override is logged: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_worker_guarded_with_a_sha_version_id_and_build_date_is_mirrored_with_them() {
+    let Some(redis) = lockstep_testkit::redis_url() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("lsguard{}", std::process::id());
+    let s = ServeProcess::spawn(
+        Path::new(BIN),
+        &dir.path().join("data"),
+        &["--redis-mirror", &redis, "--redis-prefix", &prefix],
+        &[],
+    );
+    let pid_file = dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 30", pid_file.display());
+    let mut g = guard(
+        &[
+            ("BUILD_DATE", "2026-11-01T12:00:00Z"),
+            ("LOCKSTEP_REGISTRY", &s.url),
+            ("LOCKSTEP_TOKEN", ADMIN_TOKEN),
+        ],
+        &[
+            "--service",
+            "jobs",
+            "--version-id",
+            SHA,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn guard");
+    let key = format!("{prefix}:worker:jobs:version");
+    let read = || -> std::collections::BTreeMap<String, String> {
+        rt().block_on(async {
+            let client = redis::Client::open(redis.as_str()).expect("url");
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .expect("hgetall")
+        })
+    };
+    wait_for(
+        "the guarded worker is mirrored",
+        Duration::from_secs(15),
+        || pid_file.exists() && read().contains_key("gitSha"),
+    );
+    let fields = read();
+    let child_pid = std::fs::read_to_string(&pid_file).expect("pid");
+    let _ = g.kill();
+    let _ = g.wait();
+    assert_eq!(fields["gitSha"], SHA, "{fields:?}");
+    assert_eq!(fields["buildDate"], "2026-11-01T12:00:00Z", "{fields:?}");
+    assert_eq!(fields["pid"], child_pid.trim(), "{fields:?}");
+    rt().block_on(async {
+        let client = redis::Client::open(redis.as_str()).expect("url");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .expect("del");
+    });
+}

@@ -286,7 +286,7 @@ async fn a_heartbeat_through_one_replica_shows_in_status_and_metrics_of_the_othe
     let metrics_url = format!("{}/metrics", b.url);
     eventually(Duration::from_secs(2), || async {
         let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
-        text.contains("lockstep_instances{status=\"current\"} 1")
+        text.contains("lockstep_instances_total{status=\"current\"} 1")
             .then_some(())
     })
     .await

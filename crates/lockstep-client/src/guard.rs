@@ -56,6 +56,139 @@ pub struct Facts {
     /// The facts describe a program in any language run by `lockstep guard`, not a Rust
     /// binary that linked this library: advice names variables and flags, not build scripts.
     pub wrapped: bool,
+    /// The development runner the wrapped command goes through (`npx tsx`, `nodemon`, …), as
+    /// found by [`dev_runner`]; `None` when there is none or its use was explicitly allowed.
+    pub dev_runner: Option<String>,
+}
+
+/// Runners that compile or reload source on the fly: fine on a laptop, never what a
+/// production deploy should run (no build step, so no build identity and no reproducibility).
+const DEV_RUNNERS: &[&str] = &[
+    "tsx",
+    "ts-node",
+    "ts-node-esm",
+    "ts-node-dev",
+    "tsnd",
+    "nodemon",
+    "vite-node",
+    "babel-node",
+    "esno",
+    "esrun",
+];
+
+/// Commands that run a package's binary, and how many of their words name the launcher.
+fn launcher_len(words: &[&str]) -> usize {
+    match words {
+        ["npm" | "pnpm" | "yarn", "exec" | "dlx" | "x", ..] => 2,
+        ["npx" | "bunx" | "pnpx", ..] => 1,
+        _ => 0,
+    }
+}
+
+fn base(word: &str) -> &str {
+    word.rsplit('/').next().unwrap_or(word)
+}
+
+/// The development runner `command` goes through, e.g. `npx tsx` for
+/// `npx --yes tsx worker.ts`; `None` for an ordinary program.
+///
+/// Recognised: [`DEV_RUNNERS`] (`tsx`, `ts-node`, `nodemon`, `vite-node`, …) run directly, by
+/// path (`node_modules/.bin/tsx`) or through `npx`, `npm exec`, `pnpm dlx`/`exec`,
+/// `yarn dlx`/`exec`, `bunx` (package versions like `tsx@4` included); `cargo run` and
+/// `go run`; `node --import tsx` / `--loader ts-node/esm` / `-r ts-node/register`; and the
+/// same inside `env VAR=… CMD` or `sh -c "…"`.
+pub fn dev_runner(command: &[String]) -> Option<String> {
+    let words: Vec<&str> = command.iter().map(String::as_str).collect();
+    dev_runner_words(&words, 0)
+}
+
+fn dev_runner_words(words: &[&str], depth: u8) -> Option<String> {
+    let (&first, rest) = words.split_first()?;
+    let program = base(first);
+    match program {
+        // `env A=1 B=2 CMD…`: look at CMD.
+        "env" => {
+            let skip = rest
+                .iter()
+                .take_while(|w| w.contains('=') || w.starts_with('-'))
+                .count();
+            return dev_runner_words(&rest[skip..], depth);
+        }
+        // `sh -c "npx tsx worker.ts"`: look inside the script (words split on blanks, which is
+        // enough to see a runner; a script that hides one better is not a mistake).
+        "sh" | "bash" | "dash" | "zsh" if depth < 2 => {
+            let script = rest
+                .iter()
+                .position(|w| *w == "-c")
+                .and_then(|i| rest.get(i + 1))?;
+            for part in script.split(['&', ';', '|', '\n']) {
+                let inner: Vec<&str> = part.split_whitespace().collect();
+                let inner = match inner.first() {
+                    Some(&"exec") => &inner[1..],
+                    _ => &inner[..],
+                };
+                if let Some(found) = dev_runner_words(inner, depth + 1) {
+                    return Some(found);
+                }
+            }
+            return None;
+        }
+        "cargo" | "go" if rest.iter().find(|w| !w.starts_with(['-', '+'])) == Some(&"run") => {
+            return Some(format!("{program} run"));
+        }
+        "node" | "nodejs" | "bun" | "deno" => {
+            // Loaders that compile TypeScript on the fly: `node --import tsx worker.ts`.
+            for pair in rest.windows(2) {
+                if matches!(pair[0], "--import" | "--loader" | "--require" | "-r")
+                    && is_runner_package(pair[1])
+                {
+                    return Some(format!("{program} {} {}", pair[0], pair[1]));
+                }
+            }
+            for w in rest {
+                if let Some((flag, value)) = w.split_once('=')
+                    && matches!(flag, "--import" | "--loader" | "--require")
+                    && is_runner_package(value)
+                {
+                    return Some(format!("{program} {w}"));
+                }
+            }
+            return None;
+        }
+        _ => {}
+    }
+    let mut named = words.to_vec();
+    named[0] = program;
+    let n = launcher_len(&named);
+    if n > 0 {
+        // Skip the launcher's own options (`npx --yes`, `npm exec --package=x --`).
+        let target = words[n..].iter().find(|w| !w.starts_with('-')).copied()?;
+        let name = package_name(target);
+        return DEV_RUNNERS
+            .contains(&name)
+            .then(|| format!("{} {name}", named[..n].join(" ")));
+    }
+    DEV_RUNNERS.contains(&program).then(|| program.to_owned())
+}
+
+/// `tsx@4.19` → `tsx`; `ts-node/register` → `ts-node`; `@scope/x` is left whole.
+fn package_name(word: &str) -> &str {
+    let word = base_package(word);
+    match word.rfind('@') {
+        Some(i) if i > 0 => &word[..i],
+        _ => word,
+    }
+}
+
+fn base_package(word: &str) -> &str {
+    if word.starts_with('@') {
+        return word;
+    }
+    word.split('/').next().unwrap_or(word)
+}
+
+fn is_runner_package(word: &str) -> bool {
+    DEV_RUNNERS.contains(&package_name(word))
 }
 
 fn env_nonempty(k: &str) -> Option<String> {
@@ -111,6 +244,7 @@ impl Facts {
             expected_git_sha: env_nonempty("EXPECTED_GIT_SHA"),
             expected_version: env_nonempty("LOCKSTEP_EXPECTED_VERSION"),
             wrapped: false,
+            dev_runner: None,
         }
     }
 }
@@ -130,6 +264,12 @@ pub fn evaluate(f: &Facts) -> Verdict {
     }
     if f.cargo_run {
         findings.push("started by `cargo run` (a development runner)".to_string());
+    }
+    if let Some(runner) = &f.dev_runner {
+        findings.push(format!(
+            "the command runs through a development runner (`{runner}`); deploy a build \
+             (e.g. `node dist/worker.js`), or pass --allow-dev-runner if you really mean it"
+        ));
     }
     let claimed = f.version_id.as_deref().filter(|v| *v != UNKNOWN);
     if f.git_sha == UNKNOWN && claimed.is_none() {
@@ -517,5 +657,77 @@ mod wording {
             panic!("warns");
         };
         assert!(lines[0].ends_with("(allowed outside production)"));
+    }
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn development_runners_are_found_directly_and_through_launchers() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("tsx worker.ts", Some("tsx")),
+            ("npx tsx worker.ts", Some("npx tsx")),
+            ("npx --yes tsx@4.19 worker.ts", Some("npx tsx")),
+            ("/usr/local/bin/npx ts-node src/w.ts", Some("npx ts-node")),
+            ("npm exec -- nodemon worker.js", Some("npm exec nodemon")),
+            ("pnpm dlx vite-node w.ts", Some("pnpm dlx vite-node")),
+            ("pnpm exec tsx w.ts", Some("pnpm exec tsx")),
+            ("yarn dlx ts-node w.ts", Some("yarn dlx ts-node")),
+            ("bunx tsx w.ts", Some("bunx tsx")),
+            ("./node_modules/.bin/tsx w.ts", Some("tsx")),
+            ("nodemon worker.js", Some("nodemon")),
+            ("cargo run --release --bin worker", Some("cargo run")),
+            ("cargo +nightly run", Some("cargo run")),
+            ("go run ./cmd/worker", Some("go run")),
+            ("node --import tsx worker.ts", Some("node --import tsx")),
+            (
+                "node --loader=ts-node/esm w.ts",
+                Some("node --loader=ts-node/esm"),
+            ),
+            (
+                "node -r ts-node/register w.ts",
+                Some("node -r ts-node/register"),
+            ),
+            ("env NODE_OPTIONS=x FOO=1 npx tsx w.ts", Some("npx tsx")),
+            ("node dist/worker.js", None),
+            ("npx prisma migrate deploy", None),
+            ("python3 worker.py", None),
+            ("cargo build", None),
+            ("go test ./...", None),
+            ("./worker --mode run", None),
+        ];
+        for (cmd, want) in cases {
+            assert_eq!(dev_runner(&words(cmd)).as_deref(), *want, "{cmd}");
+        }
+        let sh = vec![
+            "sh".into(),
+            "-c".into(),
+            "cd /app && exec npx tsx w.ts".into(),
+        ];
+        assert_eq!(dev_runner(&sh).as_deref(), Some("npx tsx"));
+        let sh = vec!["sh".into(), "-c".into(), "exec node dist/w.js".into()];
+        assert_eq!(dev_runner(&sh), None);
+    }
+
+    #[test]
+    fn a_development_runner_is_refused_in_production_and_only_warned_about_elsewhere() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let facts = Facts {
+            dev_runner: Some("npx tsx".into()),
+            wrapped: true,
+            production: true,
+            git_sha: sha.into(),
+            ..Facts::default()
+        };
+        let Verdict::Refuse(lines) = evaluate(&facts) else {
+            panic!("refuses");
+        };
+        assert!(lines[0].contains("`npx tsx`") && lines[0].contains("--allow-dev-runner"));
+        let dev = Facts {
+            production: false,
+            ..facts
+        };
+        assert!(matches!(evaluate(&dev), Verdict::Warn(_)));
     }
 }

@@ -105,6 +105,8 @@ pub struct Registration {
     pub client: RegistryClient,
     /// The child's baked commit, reported in its heartbeats.
     pub git_sha: Option<String>,
+    /// When the child was built, reported in its heartbeats (and so mirrored as `buildDate`).
+    pub build_date: Option<time::OffsetDateTime>,
 }
 
 /// Something the caller may want to tell a person about.
@@ -196,7 +198,8 @@ pub async fn run(
     let (watcher, beats) = match registration {
         Some(r) => {
             let watcher = Watcher::start(r.watcher)?;
-            let hb = crate::heartbeat_for(watcher.config(), r.git_sha.as_deref(), pid, None);
+            let mut hb = crate::heartbeat_for(watcher.config(), r.git_sha.as_deref(), pid, None);
+            hb.build_date = r.build_date;
             let beats = HeartbeatTask::spawn(r.client, hb, Some(watcher.clone()));
             (Some(watcher), Some(beats))
         }
@@ -333,6 +336,7 @@ mod tests {
             watcher,
             client: admin(reg),
             git_sha: None,
+            build_date: None,
         }
     }
 

@@ -22,7 +22,7 @@ pub use drift::{
 pub use duration::{format_secs, parse_duration};
 pub use error::CoreError;
 pub use instance::{Instance, Status, StatusCounts, drift_secs, instance_status};
-pub use names::{short_id, validate_name, validate_version_id};
+pub use names::{is_git_sha, short_id, validate_name, validate_version_id};
 pub use release::{
     Decision, HistoryEntry, RegistrationKind, Release, StoredRelease, decide_registration,
     describe, older_by, releases_agree, rollback_target,

@@ -47,6 +47,13 @@ pub fn short_id(id: &str) -> &str {
     }
 }
 
+/// Whether a version id is a git commit SHA (7 to 40 hex digits): then it is also the
+/// commit a verify script compares, e.g. the mirrored `gitSha` of a worker guarded with
+/// `--version-id $(git rev-parse HEAD)`.
+pub fn is_git_sha(id: &str) -> bool {
+    (7..=40).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

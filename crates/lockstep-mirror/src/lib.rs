@@ -12,7 +12,17 @@
 //!   has two or more live instances;
 //!
 //! each a hash of `gitSha`, `buildDate`, `startedAt`, `pid`, `instanceId`, expiring with the
-//! instance's TTL.
+//! instance's TTL. `gitSha` is the instance's git SHA, or its release id when that is a SHA;
+//! a field the instance did not report is left out (never an empty string), except `gitSha`,
+//! which then says `unknown` as the source system wrote it.
+//!
+//! **Ownership.** Every hash the mirror writes carries the marker field
+//! `lockstepMirror = "1"` ([`MARKER_FIELD`], [`MARKER_VALUE`]). The mirror deletes or
+//! overwrites a key only when it holds that marker (or, for a write, does not exist), checked
+//! and applied inside Redis by one Lua script per key, so there is no window between the check
+//! and the change. A key of the prefix written by anyone else — a worker that still registers
+//! itself during a migration — is never deleted, overwritten or re-expired, resync included;
+//! the source system's tooling ignores the extra field.
 
 mod plan;
 mod writer;
@@ -28,6 +38,11 @@ use tokio::task::JoinHandle;
 
 use crate::plan::{Op, Seen};
 use crate::writer::Shared;
+
+/// The hash field that marks a key as written by the mirror (see the crate docs).
+pub const MARKER_FIELD: &str = "lockstepMirror";
+/// The value of [`MARKER_FIELD`] in every hash the mirror writes.
+pub const MARKER_VALUE: &str = "1";
 
 /// How long `shutdown` lets the last flush run before giving up on it.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -164,7 +179,8 @@ impl Mirror {
     }
 
     /// Full reconciliation: Redis ends up holding exactly `live` (filtered to the mirrored
-    /// environment); every other key under `<prefix>:worker:` is deleted. Call it when this
+    /// environment) among the mirror's own keys; every other key the mirror wrote under
+    /// `<prefix>:worker:` is deleted, and keys of other writers are left alone. Call it when this
     /// replica becomes the leader and periodically. Returns at once.
     pub fn resync(&self, live: Vec<Instance>, ttl: Duration) {
         let live: Vec<Seen> = live

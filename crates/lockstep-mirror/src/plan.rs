@@ -12,7 +12,9 @@ use lockstep_core::Instance;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::{instance_key, version_key};
+use lockstep_core::is_git_sha;
+
+use crate::{MARKER_FIELD, MARKER_VALUE, instance_key, version_key};
 
 /// What the mirror keeps of an instance: only what the hash fields and the expiry need, so a
 /// queued operation stays small and cheap to record on the caller's thread.
@@ -21,6 +23,7 @@ pub(crate) struct Seen {
     pub(crate) service: String,
     pub(crate) instance_id: String,
     git_sha: Option<String>,
+    version_id: String,
     build_date: Option<OffsetDateTime>,
     started_at: Option<OffsetDateTime>,
     first_seen: OffsetDateTime,
@@ -36,6 +39,7 @@ impl Seen {
             service: instance.service.clone(),
             instance_id: instance.instance_id.clone(),
             git_sha: instance.git_sha.clone(),
+            version_id: instance.version_id.clone(),
             build_date: instance.build_date,
             started_at: instance.started_at,
             first_seen: instance.first_seen,
@@ -63,25 +67,30 @@ impl Seen {
         i64::try_from(self.remaining_ms(now).max(1)).unwrap_or(i64::MAX)
     }
 
-    /// The hash fields, spelled as the source system's verify script reads them.
+    /// The hash fields, spelled as the source system's verify script reads them, plus the
+    /// ownership marker ([`MARKER_FIELD`]). A value the instance did not report is left out
+    /// rather than written as an empty string (which a verify script would compare and fail);
+    /// only `gitSha` says `unknown`, as the source system wrote it.
     fn fields(&self) -> Vec<(&'static str, String)> {
         let rfc3339 = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
-        vec![
-            (
-                "gitSha",
-                self.git_sha.clone().unwrap_or_else(|| "unknown".to_owned()),
-            ),
-            (
-                "buildDate",
-                self.build_date.map(rfc3339).unwrap_or_default(),
-            ),
-            (
-                "startedAt",
-                rfc3339(self.started_at.unwrap_or(self.first_seen)),
-            ),
-            ("pid", self.pid.map(|p| p.to_string()).unwrap_or_default()),
-            ("instanceId", self.instance_id.clone()),
-        ]
+        let git_sha = self
+            .git_sha
+            .clone()
+            .or_else(|| is_git_sha(&self.version_id).then(|| self.version_id.clone()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut fields = vec![(MARKER_FIELD, MARKER_VALUE.to_owned()), ("gitSha", git_sha)];
+        if let Some(b) = self.build_date {
+            fields.push(("buildDate", rfc3339(b)));
+        }
+        fields.push((
+            "startedAt",
+            rfc3339(self.started_at.unwrap_or(self.first_seen)),
+        ));
+        if let Some(pid) = self.pid {
+            fields.push(("pid", pid.to_string()));
+        }
+        fields.push(("instanceId", self.instance_id.clone()));
+        fields
     }
 
     /// Orders "most recently heartbeated"; the id breaks ties so the choice is deterministic.
@@ -186,8 +195,10 @@ impl Model {
     }
 }
 
-/// One change to Redis. A write is `DEL` + `HSET` + `PEXPIRE` so a key someone else left
-/// with another type or extra fields cannot make the batch fail forever.
+/// One change to Redis, applied only to keys the mirror owns (see the crate docs): a `Del`
+/// deletes a key holding the marker; a `Write` replaces such a key (or creates a missing one)
+/// with exactly `fields` and the expiry. Both are Lua scripts, so a key of another writer —
+/// of any type — is skipped, never an error that would make the batch fail forever.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Command {
     Del(String),
@@ -546,10 +557,27 @@ mod tests {
         s.pid = None;
         let f: BTreeMap<_, _> = s.fields().into_iter().collect();
         assert_eq!(f["gitSha"], "unknown");
-        assert_eq!(f["buildDate"], "");
-        assert_eq!(f["pid"], "");
+        assert!(!f.contains_key("buildDate"), "absent, not an empty string");
+        assert!(!f.contains_key("pid"), "absent, not an empty string");
         assert_eq!(f["startedAt"], "2025-06-01T11:55:00Z");
         assert_eq!(f["instanceId"], "i1");
+        assert_eq!(f[crate::MARKER_FIELD], crate::MARKER_VALUE);
+    }
+
+    #[test]
+    fn a_release_id_that_is_a_git_sha_is_the_mirrored_git_sha() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let mut s = seen("api", "i1", 0);
+        s.git_sha = None;
+        s.version_id = sha.into();
+        let f: BTreeMap<_, _> = s.fields().into_iter().collect();
+        assert_eq!(f["gitSha"], sha);
+        // A reported SHA wins; a release id that is no SHA never poses as one.
+        s.git_sha = Some("abcdef1".into());
+        assert_eq!(s.fields()[1], ("gitSha", "abcdef1".to_owned()));
+        s.git_sha = None;
+        s.version_id = "2025-06-01-release".into();
+        assert_eq!(s.fields()[1], ("gitSha", "unknown".to_owned()));
     }
 
     #[test]

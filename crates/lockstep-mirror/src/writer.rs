@@ -15,6 +15,33 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::plan::{self, Batch, Command, Model, Plan};
+use crate::{MARKER_FIELD, MARKER_VALUE};
+
+/// Deletes `KEYS[1]` only when it is a hash whose field `ARGV[1]` is `ARGV[2]`: a key of the
+/// prefix that another writer set (any type, any fields) is left as it is.
+const DEL_IF_OWNED: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash'
+   and redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Replaces `KEYS[1]` with the marker (`ARGV[1]` = `ARGV[2]`), the fields `ARGV[4..]` and an
+/// expiry of `ARGV[3]` ms — when the key is missing or already the mirror's. The old hash is
+/// deleted first so a field the instance stopped reporting does not linger.
+const WRITE_IF_OWNED: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' then
+  if kind ~= 'hash' or redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
 
 /// Batches are written at most this often: heartbeats arriving together share one pipeline.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -201,8 +228,8 @@ impl Writer {
         outcome
     }
 
-    /// One attempt: connect if needed, list the prefix for a resync, send the plan as one
-    /// MULTI/EXEC pipeline so Redis applies all of it or none of it (a retry is then planned
+    /// One attempt: connect if needed, list the prefix for a resync, send the plan (one
+    /// ownership-checking script per key) as one MULTI/EXEC pipeline so Redis applies all of it or none of it (a retry is then planned
     /// against the state Redis really holds).
     async fn write(&mut self, batch: &Batch, now: OffsetDateTime) -> Result<Plan, WriteError> {
         let mut conn = self.connection().await?;
@@ -219,19 +246,31 @@ impl Writer {
         for command in &plan.commands {
             match command {
                 Command::Del(key) => {
-                    pipe.del(key).ignore();
+                    pipe.cmd("EVAL")
+                        .arg(DEL_IF_OWNED)
+                        .arg(1)
+                        .arg(key)
+                        .arg(MARKER_FIELD)
+                        .arg(MARKER_VALUE)
+                        .ignore();
                 }
                 Command::Write {
                     key,
                     fields,
                     pexpire_ms,
                 } => {
-                    pipe.del(key)
-                        .ignore()
-                        .hset_multiple(key, fields)
-                        .ignore()
-                        .pexpire(key, *pexpire_ms)
-                        .ignore();
+                    let eval = pipe
+                        .cmd("EVAL")
+                        .arg(WRITE_IF_OWNED)
+                        .arg(1)
+                        .arg(key)
+                        .arg(MARKER_FIELD)
+                        .arg(MARKER_VALUE)
+                        .arg(*pexpire_ms);
+                    for (field, value) in fields {
+                        eval.arg(*field).arg(value);
+                    }
+                    eval.ignore();
                 }
             }
         }

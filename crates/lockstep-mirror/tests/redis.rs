@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lockstep_core::Instance;
-use lockstep_mirror::{Mirror, MirrorConfig, instance_key, version_key};
+use lockstep_mirror::{
+    MARKER_FIELD, MARKER_VALUE, Mirror, MirrorConfig, instance_key, version_key,
+};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use time::OffsetDateTime;
@@ -193,6 +195,7 @@ async fn single_instance_is_mirrored_to_the_service_hash_with_its_fields_and_ttl
         ("startedAt", "2025-06-01T11:00:00Z".to_owned()),
         ("pid", api.pid.expect("pid").to_string()),
         ("instanceId", "i1".to_owned()),
+        (MARKER_FIELD, MARKER_VALUE.to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -201,8 +204,8 @@ async fn single_instance_is_mirrored_to_the_service_hash_with_its_fields_and_ttl
 
     let bare_fields = hash(&mut conn, &version_key(&prefix, "bare")).await;
     assert_eq!(bare_fields["gitSha"], "unknown");
-    assert_eq!(bare_fields["buildDate"], "");
-    assert_eq!(bare_fields["pid"], "");
+    assert!(!bare_fields.contains_key("buildDate"), "{bare_fields:?}");
+    assert!(!bare_fields.contains_key("pid"), "{bare_fields:?}");
     assert_eq!(
         bare_fields["startedAt"],
         bare.first_seen.format(&Rfc3339).expect("format")
@@ -331,7 +334,7 @@ async fn resync_deletes_keys_of_instances_that_are_not_live() {
     let prefix = unique_prefix("lstest");
     let mut conn = connect(&url).await;
 
-    // Leftovers of an earlier leader: more than one SCAN page of them, of several types.
+    // Leftovers of an earlier leader (so they carry the marker): more than one SCAN page.
     let mut stray = vec![
         version_key(&prefix, "ghost"),
         instance_key(&prefix, "api", "dead"),
@@ -339,7 +342,8 @@ async fn resync_deletes_keys_of_instances_that_are_not_live() {
     stray.extend((0..2500).map(|i| instance_key(&prefix, "old", &format!("i{i}"))));
     let mut pipe = redis::pipe();
     for key in &stray {
-        pipe.hset(key, "gitSha", "stale").ignore();
+        pipe.hset_multiple(key, &[("gitSha", "stale"), (MARKER_FIELD, MARKER_VALUE)])
+            .ignore();
     }
     pipe.set(format!("{prefix}:worker:queue"), "a fleet's own key")
         .ignore()
@@ -642,4 +646,89 @@ async fn a_restarted_redis_is_reconnected_to_without_help() {
     assert!(mirror.stats().up);
 
     mirror.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_of_the_prefix_that_another_writer_set_keep_their_value_and_ttl() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("lstest");
+    let mut conn = connect(&url).await;
+
+    // A worker that still registers itself (no marker), on a service the mirror also writes,
+    // on one it does not, and a per-instance key; plus a non-hash key shaped like the mirror's.
+    let theirs_shared = version_key(&prefix, "api");
+    let theirs_alone = version_key(&prefix, "legacy");
+    let theirs_instance = instance_key(&prefix, "api", "self-registered");
+    let theirs_string = version_key(&prefix, "strings");
+    let mut pipe = redis::pipe();
+    for key in [&theirs_shared, &theirs_alone, &theirs_instance] {
+        pipe.hset_multiple(key, &[("gitSha", "their-sha"), ("pid", "7")])
+            .ignore()
+            .pexpire(key, 300_000)
+            .ignore();
+    }
+    pipe.set(&theirs_string, "not a hash")
+        .ignore()
+        .pexpire(&theirs_string, 300_000)
+        .ignore();
+    let _: () = pipe.query_async(&mut conn).await.expect("seed");
+
+    let mirror = start(&url, &prefix);
+    // Two instances of api: the mirror wants the service key and per-instance keys.
+    mirror.upsert(&instance("api", "a", 1), TTL);
+    mirror.upsert(&instance("api", "b", 2), TTL);
+    mirror.upsert(&instance("web", "w", 1), TTL);
+    let mine = [
+        instance_key(&prefix, "api", "a"),
+        instance_key(&prefix, "api", "b"),
+        version_key(&prefix, "web"),
+    ];
+    let mut expected = set(&mine);
+    expected.extend([
+        theirs_shared.clone(),
+        theirs_alone.clone(),
+        theirs_instance.clone(),
+        theirs_string.clone(),
+    ]);
+    assert_eq!(wait_for_keys(&conn, &prefix, &expected).await, expected);
+    for key in &mine {
+        assert_eq!(hash(&mut conn, key).await[MARKER_FIELD], MARKER_VALUE);
+    }
+
+    // Its own keys go with their instances; a resync that does not know the others' keys
+    // leaves them too.
+    mirror.remove(&instance("api", "a", 0));
+    mirror.remove(&instance("api", "b", 0));
+    mirror.remove(&instance("web", "w", 0));
+    mirror.resync(Vec::new(), TTL);
+    let theirs = set(&[
+        theirs_shared.clone(),
+        theirs_alone.clone(),
+        theirs_instance.clone(),
+        theirs_string.clone(),
+    ]);
+    assert_eq!(wait_for_keys(&conn, &prefix, &theirs).await, theirs);
+    eventually(
+        || async { mirror.stats() },
+        |s| s.resyncs == 1 && s.pending == 0,
+    )
+    .await;
+
+    for key in [&theirs_shared, &theirs_alone, &theirs_instance] {
+        let fields = hash(&mut conn, key).await;
+        let want: BTreeMap<String, String> = [("gitSha", "their-sha"), ("pid", "7")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(fields, want, "{key} was changed");
+        let pttl: i64 = conn.pttl(key).await.expect("pttl");
+        assert!(pttl > 290_000, "{key}: its TTL was touched ({pttl} ms)");
+    }
+    let value: String = conn.get(&theirs_string).await.expect("get");
+    assert_eq!(value, "not a hash");
+    let pttl: i64 = conn.pttl(&theirs_string).await.expect("pttl");
+    assert!(pttl > 290_000, "string key TTL touched: {pttl}");
+
+    mirror.shutdown().await;
+    cleanup(&mut conn, &prefix).await;
 }

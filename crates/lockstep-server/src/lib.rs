@@ -9,6 +9,7 @@
 mod admin;
 mod alerts;
 mod auth;
+pub mod compat;
 mod error;
 mod instance_stream;
 mod instances;
@@ -22,6 +23,7 @@ mod status;
 mod stream;
 
 pub use auth::csrf_token;
+pub use compat::CompatConfig;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use service::tokens::{generate_token, hash_token};
@@ -55,6 +57,8 @@ pub struct Registry {
     shutdown_tx: watch::Sender<bool>,
     /// The bootstrap admin token when it was generated now (first start): print it once.
     pub generated_admin_token: Option<String>,
+    /// The source system's VersionManager routes, when enabled ([`Registry::with_compat`]).
+    compat: Option<CompatConfig>,
 }
 
 impl Registry {
@@ -89,7 +93,15 @@ impl Registry {
             state,
             shutdown_tx,
             generated_admin_token: generated,
+            compat: None,
         })
+    }
+
+    /// Also serves the source system's VersionManager routes (`serve --compat authrim`),
+    /// registering into and reading from `compat.env`; see [`compat`].
+    pub fn with_compat(mut self, compat: CompatConfig) -> Self {
+        self.compat = Some(compat);
+        self
     }
 
     /// The registry service behind the API (for in-process callers and tests).
@@ -135,9 +147,11 @@ impl Registry {
                     }),
                 )
             });
-        Router::new()
-            .merge(v1)
-            .route("/v1/alerts", get(alerts::list))
+        let mut root = Router::new().merge(v1);
+        if let Some(compat) = &self.compat {
+            root = root.merge(compat::router(compat, self.state.clone()));
+        }
+        root.route("/v1/alerts", get(alerts::list))
             .route("/v1/alerts/{id}/ack", post(alerts::ack))
             .route(
                 "/v1/alert-channels",

@@ -35,7 +35,7 @@ use crate::{admin, alerts, instances, releases, status, stream};
         lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelSchema,
         lockstep_api::WebhookChannel, lockstep_api::SlackChannel, lockstep_api::EmailChannel, lockstep_core::Severity, lockstep_core::Condition,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ForGenerators),
 )]
 pub struct ApiDoc;
 
@@ -51,7 +51,111 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Describes what the derive cannot say precisely enough for client generators
+/// (openapi-typescript, openapi-python-client), which CI runs against this document
+/// (`.ci/clients-check.sh`):
+/// - free maps (`Release.metadata`, `Event.data`) take any property: without
+///   `additionalProperties` TypeScript types them as `Record<string, never>`;
+/// - `Heartbeat.env` is optional and says its default only in prose: a `default` makes
+///   openapi-typescript require the field in the generated type;
+/// - the rollback body is an optional `RollbackRequest`, not `oneOf [RollbackRequest, null]`
+///   (with which openapi-python-client sends an unset body and crashes when called without
+///   one);
+/// - `StoredRelease.rollback_safe` is left out of answers when true, so it declares
+///   `default: true` (on the stored release only: a request may still omit it).
+///
+/// Done on the generated document as JSON so each rule is one line, whatever shape the
+/// derive gives the surrounding schema.
+struct ForGenerators;
+
+impl Modify for ForGenerators {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let Ok(mut doc) = serde_json::to_value(&*openapi) else {
+            return;
+        };
+        for_generators(&mut doc);
+        match serde_json::from_value(doc) {
+            Ok(patched) => *openapi = patched,
+            Err(e) => tracing::error!(error = %e, "openapi: generator fixes not applied"),
+        }
+    }
+}
+
+fn for_generators(doc: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let schemas = &mut doc["components"]["schemas"];
+    for (schema, field) in [("Release", "metadata"), ("Event", "data")] {
+        if let Some(p) = schemas[schema]["properties"][field].as_object_mut() {
+            p.insert("additionalProperties".into(), Value::Bool(true));
+        }
+    }
+    if let Some(env) = schemas["Heartbeat"]["properties"]["env"].as_object_mut() {
+        env.remove("default");
+    }
+    if let Some(parts) = schemas["StoredRelease"]["allOf"].as_array_mut() {
+        parts.push(json!({
+            "type": "object",
+            "properties": {"rollback_safe": {
+                "type": "boolean",
+                "default": true,
+                "description": "False when this release ran a migration that an older release cannot read; left out of answers when true."
+            }}
+        }));
+    }
+    let body = &mut doc["paths"]["/v1/envs/{env}/services/{svc}/rollback"]["post"]["requestBody"];
+    if let Some(b) = body.as_object_mut() {
+        b.insert("required".into(), Value::Bool(false));
+        b.insert(
+            "content".into(),
+            json!({"application/json": {"schema": {"$ref": "#/components/schemas/RollbackRequest"}}}),
+        );
+    }
+}
+
 /// Serves the document.
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_says_what_client_generators_need() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).expect("json");
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["Release"]["properties"]["metadata"]["additionalProperties"],
+            true
+        );
+        assert_eq!(
+            schemas["Event"]["properties"]["data"]["additionalProperties"],
+            true
+        );
+        let env = &schemas["Heartbeat"]["properties"]["env"];
+        assert!(env.get("default").is_none(), "{env}");
+        assert!(
+            !schemas["Heartbeat"]["required"]
+                .to_string()
+                .contains("\"env\"")
+        );
+        let stored = schemas["StoredRelease"].to_string();
+        assert!(
+            stored.contains(r#""rollback_safe":{"default":true"#),
+            "{stored}"
+        );
+        // The request side keeps it optional without a default.
+        assert!(
+            schemas["Release"]["properties"]["rollback_safe"]
+                .get("default")
+                .is_none()
+        );
+        let body = &doc["paths"]["/v1/envs/{env}/services/{svc}/rollback"]["post"]["requestBody"];
+        assert_eq!(body["required"], false);
+        assert_eq!(
+            body["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/RollbackRequest"
+        );
+    }
 }

@@ -242,8 +242,13 @@ async fn an_instance_without_an_expected_release_counts_as_unknown_in_status_and
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("lockstep_instances{status=\"unknown\"} 1"));
-    assert!(metrics.contains("lockstep_instances{status=\"stale\"} 0"));
+    assert!(metrics.contains(
+        "lockstep_instances{env=\"production\",service=\"nothing-registered\",status=\"unknown\"} 1"
+    ));
+    assert!(metrics.contains(
+        "lockstep_instances{env=\"production\",service=\"nothing-registered\",status=\"stale\"} 0"
+    ));
+    assert!(metrics.contains("lockstep_instances_total{status=\"unknown\"} 1"));
 }
 
 #[tokio::test]
