@@ -700,6 +700,7 @@ pub struct EmailChannel {
     #[schema(min_length = 1)]
     pub smtp_host: String,
     /// SMTP port (default 587 with STARTTLS, 25 without).
+    #[schema(minimum = 0, maximum = 65535)]
     pub smtp_port: Option<u16>,
     /// `starttls` (default) or `plain`.
     #[schema(pattern = "^(starttls|plain)$")]
