@@ -138,7 +138,7 @@ pub async fn get_channels(
         (status = 400, description = "`bad_request`: a missing field, a bad name or URL, or a masked secret with no stored value", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the admin role", body = ErrorBody),
-        (status = 409, description = "`conflict`: two channels with one name", body = ErrorBody),
+        (status = 409, description = "`conflict`: two channels with one name, or a masked secret with no stored value to keep", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body exceeds 64 KiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is not JSON", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
@@ -148,6 +148,35 @@ pub async fn put_channels(
     State(st): State<Arc<AppState>>,
     JsonBody(req): JsonBody<AlertChannels>,
 ) -> Result<Json<AlertChannels>, ApiError> {
+    // A secret sent back masked refers to the stored channel of that name; without one it
+    // conflicts with what is stored (409), the request itself being well-formed.
+    let stored = st.service.store().alert_channels().await?;
+    for c in &req.channels {
+        let old = stored.iter().find(|o| o.name == c.name);
+        for (field, v, kept) in [
+            ("secret", &c.secret, old.and_then(|o| o.secret.as_ref())),
+            (
+                "password",
+                &c.password,
+                old.and_then(|o| o.password.as_ref()),
+            ),
+            (
+                "webhook_url",
+                &c.webhook_url,
+                old.and_then(|o| o.webhook_url.as_ref()),
+            ),
+        ] {
+            if v.as_deref() == Some(lockstep_api::MASK) && kept.is_none() {
+                return Err(ApiError::Conflict(
+                    lockstep_api::codes::CONFLICT,
+                    format!(
+                        "channel {:?}: {field} is masked but no stored value to keep",
+                        c.name
+                    ),
+                ));
+            }
+        }
+    }
     Ok(Json(AlertChannels {
         channels: st
             .service
