@@ -263,6 +263,12 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Whitespace as the OpenAPI pattern (`\s`, ECMAScript) means it, so the schema and this
+/// check agree: Unicode White_Space minus U+0085, plus U+FEFF.
+fn schema_space(c: char) -> bool {
+    (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}'
+}
+
 /// Checks a set of channels: unique valid names and the fields each type needs.
 pub fn validate_channels(channels: &[ChannelConfig]) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
@@ -281,7 +287,7 @@ pub fn validate_channels(channels: &[ChannelConfig]) -> Result<(), String> {
                     || ((u.starts_with("http://") || u.starts_with("https://"))
                         && u.split_once("://")
                             .is_some_and(|(_, rest)| !rest.is_empty())
-                        && !u.chars().any(char::is_whitespace)) =>
+                        && !u.chars().any(schema_space)) =>
             {
                 Ok(())
             }
