@@ -32,6 +32,7 @@ drop_test_schemas
 trap drop_test_schemas EXIT
 
 .ci/browser-deps.sh || echo "== no chromium: the dashboard browser test skips (it fails under CI)"
+.ci/alerts-deps.sh   # the SMTP server of the alert email test
 echo "== cargo test (PostgreSQL: $LOCKSTEP_TEST_PG, Redis: $LOCKSTEP_TEST_REDIS)"
 cargo test --workspace "$@"
 

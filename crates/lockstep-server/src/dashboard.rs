@@ -388,11 +388,14 @@ pub fn health_score(c: &StatusCounts) -> f64 {
 
 /// Open alerts and the drift detector's last run.
 ///
-/// Wired at merge to the alerts branch's handle; until then this registry has no detector,
-/// so there is nothing open and no check to report. The body becomes:
-/// `let a = st.service.alerts(); (a.open_counts().iter().map(|(_, n)| n).sum(), a.last_drift_check())`
-pub fn alert_summary(_st: &AppState) -> (u64, Option<OffsetDateTime>) {
-    (0, None)
+/// Open alerts (all severities) and when the leader last checked drift, from the alerts
+/// handle.
+pub fn alert_summary(st: &AppState) -> (u64, Option<OffsetDateTime>) {
+    let a = st.service.alerts();
+    (
+        a.open_counts().iter().map(|(_, n)| n).sum(),
+        a.last_drift_check(),
+    )
 }
 
 /// Expected releases by env, then service.

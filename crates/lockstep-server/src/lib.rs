@@ -7,6 +7,7 @@
 //! resolves, then drains streams and flushes heartbeats.
 
 mod admin;
+mod alerts;
 mod auth;
 pub mod compat;
 mod dashboard;
@@ -152,7 +153,13 @@ impl Registry {
         if let Some(compat) = &self.compat {
             root = root.merge(compat::router(compat, self.state.clone()));
         }
-        root.route("/healthz", get(admin::healthz))
+        root.route("/v1/alerts", get(alerts::list))
+            .route("/v1/alerts/{id}/ack", post(alerts::ack))
+            .route(
+                "/v1/alert-channels",
+                get(alerts::get_channels).put(alerts::put_channels),
+            )
+            .route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))

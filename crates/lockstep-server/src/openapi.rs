@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, dashboard, instances, releases, status, stream};
+use crate::{admin, alerts, dashboard, instances, releases, status, stream};
 
 /// The generated document.
 #[derive(OpenApi)]
@@ -19,6 +19,7 @@ use crate::{admin, dashboard, instances, releases, status, stream};
         admin::events, admin::create_token, admin::list_tokens, admin::revoke_token,
         admin::healthz, admin::readyz, crate::metrics::metrics,
         dashboard::dashboard,
+        alerts::list, alerts::ack, alerts::get_channels, alerts::put_channels,
     ),
     components(schemas(
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
@@ -33,6 +34,9 @@ use crate::{admin, dashboard, instances, releases, status, stream};
         lockstep_core::Release, lockstep_core::StoredRelease, lockstep_core::Instance,
         lockstep_core::Status, lockstep_core::StatusCounts, lockstep_core::Role,
         lockstep_core::RegistrationKind,
+        lockstep_api::Alert, lockstep_api::AlertList, lockstep_api::AlertState,
+        lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelSchema,
+        lockstep_api::WebhookChannel, lockstep_api::SlackChannel, lockstep_api::EmailChannel, lockstep_core::Severity, lockstep_core::Condition,
     )),
     modifiers(&BearerAuth, &ForGenerators),
 )]

@@ -1,7 +1,7 @@
 //! The dashboard in a real browser against a real registry: headless Chromium (Debian's
 //! `chromium` + `chromium-driver`) signs in, sees three instances, watches a new release
-//! turn them stale without a reload, acknowledges an alert from the page (when the registry
-//! has the alerts API), and leaves screenshots under `target/`.
+//! turn them stale without a reload, sees the drift alert and acknowledges it from the page,
+//! and leaves screenshots under `target/`.
 //!
 //! Skips with a printed reason when the browser is not installed, unless `CI` or
 //! `LOCKSTEP_TEST_BROWSER=1` is set: then it fails (`.ci/browser-deps.sh` installs it).
@@ -25,11 +25,25 @@ fn skip() -> bool {
     }
 }
 
-/// The registry under test. When the alerts branch is merged, its drift thresholds go here
-/// (`low` = 0 and a check interval well under a second): the alert step below expects an
-/// alert within 2 s of the release.
-fn registry_config() -> lockstep_server::Config {
-    lockstep_server::Config::default()
+/// The registry under test, with drift thresholds at zero and a check every 200 ms: the
+/// alert step below expects an alert within 2 s of the release.
+async fn start_registry() -> InProcessRegistry {
+    let reg = InProcessRegistry::start_with(lockstep_server::Config::default()).await;
+    let zero = Some(Duration::from_secs(0));
+    reg.service
+        .alerts()
+        .configure(lockstep_server::service::alerts::AlertSettings {
+            thresholds: lockstep_core::Thresholds {
+                low: zero,
+                medium: None,
+                high: None,
+                critical: None,
+                ..lockstep_core::Thresholds::default()
+            },
+            check_interval: Duration::from_millis(200),
+            ..Default::default()
+        });
+    reg
 }
 
 async fn put_release(reg: &InProcessRegistry, version: &str) {
@@ -60,16 +74,6 @@ async fn heartbeat(reg: &InProcessRegistry, token: &str, id: &str, version: &str
     assert!(resp.status().is_success(), "heartbeat: {}", resp.status());
 }
 
-async fn alerts_api(reg: &InProcessRegistry) -> bool {
-    let resp = reqwest::Client::new()
-        .get(format!("{}/v1/alerts", reg.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("send");
-    resp.status() != reqwest::StatusCode::NOT_FOUND
-}
-
 async fn screenshot(b: &Browser, name: &str) {
     let png = b.client.screenshot().await.expect("screenshot");
     let path = browser::target_dir().join(name);
@@ -82,7 +86,7 @@ async fn a_new_release_shows_stale_instances_in_the_open_dashboard_within_two_se
     if skip() {
         return;
     }
-    let reg = InProcessRegistry::start_with(registry_config()).await;
+    let reg = start_registry().await;
     let worker = reg.token("fleet", Role::Worker).await;
     let operator = reg.token("on-call", Role::Operator).await;
     put_release(&reg, "7f3a9c1e2b4d").await;
@@ -158,59 +162,46 @@ async fn a_new_release_shows_stale_instances_in_the_open_dashboard_within_two_se
     );
     eprintln!("stale instances on the page {elapsed:?} after the release was registered");
 
-    if alerts_api(&reg).await {
-        // The alerts branch is in: the alert shows up too, and is acknowledged from the page.
-        let alert_shown = b
-            .until(
-                "document.querySelectorAll('#alerts li.alert').length > 0",
-                Duration::from_secs(2),
-            )
-            .await;
-        assert!(alert_shown.is_some(), "an alert within 2 s of the release");
-        screenshot(&b, "dashboard.png").await;
-        b.client
-            .find(fantoccini::Locator::Css("#alerts li.alert button.ack"))
-            .await
-            .expect("acknowledge button")
-            .click()
-            .await
-            .expect("click acknowledge");
-        let acked = b
-            .until(
-                "document.querySelectorAll('#alerts li.alert .acked').length > 0",
-                Duration::from_secs(5),
-            )
-            .await;
-        assert!(acked.is_some(), "acknowledged on the page");
-        let open: Value = reqwest::Client::new()
-            .get(format!("{}/v1/alerts?state=open", reg.url))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        let any_acked = open["alerts"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|x| x["acknowledged"] == true && x["acknowledged_by"] == "on-call")
-        });
-        assert!(
-            any_acked,
-            "the registry recorded the acknowledgement: {open}"
-        );
-    } else {
-        eprintln!("no /v1/alerts on this registry: the alert and acknowledge steps are skipped");
-        assert!(
-            b.until(
-                "document.getElementById('alerts-note').textContent.includes('no drift detector')",
-                Duration::from_secs(2)
-            )
-            .await
-            .is_some()
-        );
-        screenshot(&b, "dashboard.png").await;
-    }
+    // The alert shows up too, and is acknowledged from the page.
+    let alert_shown = b
+        .until(
+            "document.querySelectorAll('#alerts li.alert').length > 0",
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(alert_shown.is_some(), "an alert within 2 s of the release");
+    screenshot(&b, "dashboard.png").await;
+    b.client
+        .find(fantoccini::Locator::Css("#alerts li.alert button.ack"))
+        .await
+        .expect("acknowledge button")
+        .click()
+        .await
+        .expect("click acknowledge");
+    let acked = b
+        .until(
+            "document.querySelectorAll('#alerts li.alert .acked').length > 0",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(acked.is_some(), "acknowledged on the page");
+    let open: Value = reqwest::Client::new()
+        .get(format!("{}/v1/alerts?state=open", reg.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let any_acked = open["alerts"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x["acknowledged"] == true && x["acknowledged_by"] == "on-call")
+    });
+    assert!(
+        any_acked,
+        "the registry recorded the acknowledgement: {open}"
+    );
 
     // At phone width nothing overflows sideways.
     b.client.set_window_size(390, 844).await.expect("resize");

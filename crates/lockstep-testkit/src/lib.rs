@@ -23,6 +23,8 @@ pub struct InProcessRegistry {
     pub url: String,
     /// Its data directory (kept until drop).
     pub dir: tempfile::TempDir,
+    /// The registry service behind it (to configure alerts, read state directly).
+    pub service: Arc<lockstep_server::RegistryService>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -52,6 +54,7 @@ impl InProcessRegistry {
             .expect("open registry");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let service = registry.service().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = registry
@@ -63,6 +66,7 @@ impl InProcessRegistry {
         InProcessRegistry {
             url,
             dir,
+            service,
             stop: Some(tx),
             task: Some(task),
         }
