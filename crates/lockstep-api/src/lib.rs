@@ -172,27 +172,34 @@ pub struct Heartbeat {
     pub health: Option<String>,
 }
 
-/// Reads an optional `u32` written as an integer or as an integral float (`42.0`): JSON and
-/// JSON Schema make no difference between the two, so a client validating against the
-/// OpenAPI description may send either.
-fn integral_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+/// Reads an optional whole number up to `max` written as an integer or as an integral
+/// float (`42.0`): JSON and JSON Schema make no difference between the two, so a client
+/// validating against the OpenAPI description may send either.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D, max: u64) -> Result<Option<u64>, D::Error> {
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
         return Ok(None);
     };
-    let whole = n.as_u64().or_else(|| {
-        n.as_f64()
-            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
-            .map(|f| f as u64)
-    });
-    whole
-        .and_then(|u| u32::try_from(u).ok())
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=max as f64).contains(f))
+                .map(|f| f as u64)
+        })
+        .filter(|u| *u <= max)
         .map(Some)
         .ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "expected an integer from 0 to {}, got {n}",
-                u32::MAX
-            ))
+            serde::de::Error::custom(format!("expected an integer from 0 to {max}, got {n}"))
         })
+}
+
+/// [`integral`] for a `u32` (a process id).
+fn integral_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    Ok(integral(d, u64::from(u32::MAX))?.map(|u| u as u32))
+}
+
+/// [`integral`] for a `u16` (a port).
+fn integral_u16<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    Ok(integral(d, u64::from(u16::MAX))?.map(|u| u as u16))
 }
 
 /// Answer to a heartbeat: one round-trip tells the instance whether it is current.
@@ -562,7 +569,11 @@ pub struct ChannelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_host: Option<String>,
     /// Email: SMTP port (default 587 with STARTTLS, 25 without).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "integral_u16",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub smtp_port: Option<u16>,
     /// Email: `starttls` (default) or `plain` (a local relay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -731,6 +742,23 @@ mod tests {
         serde_json::from_str::<Heartbeat>(&body)
             .map(|h| h.pid)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_smtp_port_is_read_as_json_schema_reads_an_integer() {
+        let port = |json: &str| {
+            serde_json::from_str::<ChannelConfig>(&format!(
+                r#"{{"name":"m","type":"email","smtp_host":"h","smtp_port":{json}}}"#
+            ))
+            .map(|c| c.smtp_port)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(port("2525"), Ok(Some(2525)));
+        assert_eq!(port("298.0"), Ok(Some(298)));
+        assert_eq!(port("null"), Ok(None));
+        for bad in ["25.5", "-1", "65536"] {
+            assert!(port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
