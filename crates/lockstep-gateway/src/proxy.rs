@@ -1,0 +1,688 @@
+//! The proxy: the thin layer that wires routing, auth, limits and upstream selection
+//! around one hyper client. Every step that decides something is a pure function from
+//! another module; this one only moves bytes and headers and writes the access log.
+//!
+//! Order of the steps, and why:
+//! 1. request id first, so every answer (even a 413) carries it;
+//! 2. route, then auth before anything costly (no body read for a 401);
+//! 3. rate limits after auth, so a user's bucket is known;
+//! 4. pool check before reading the body: a 503 costs the client no upload;
+//! 5. body read with the size cap (413) — buffered, so a connect failure can be retried
+//!    on another instance with the same bytes;
+//! 6. upstream call under one deadline covering headers and body (504), the response
+//!    buffered so a hang after the headers still gets a clear 504 (event streams pass
+//!    through unbuffered).
+
+use crate::auth::{self, Decision, Identity, LEVEL_HEADER, USER_HEADER};
+use crate::config::{Compiled, Fallback};
+use crate::limit::{Rate, Verdict, headline};
+use crate::route::{Route, normalize_host};
+use crate::upstream::{Member, ReleaseChoice, seed};
+use crate::{Live, Shared};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every answer.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Request id header, generated when absent and passed upstream.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Header pinning a client to a release.
+pub const VERSION_HEADER: &str = "x-lockstep-version";
+/// Cookie pinning a client to a release.
+pub const VERSION_COOKIE: &str = "lockstep-version";
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A JSON error answer `{"error": code, "message": …}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn unavailable(message: &str) -> Response<Body> {
+    let mut r = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        message,
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+/// What the access log says about one request.
+#[derive(Default)]
+pub struct Log {
+    /// Route name (`-` when none matched).
+    pub route: String,
+    /// Environment served from.
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// Instance that answered.
+    pub upstream: Option<String>,
+    /// Release of that instance (first 8 chars).
+    pub release: Option<String>,
+    /// User, if authenticated.
+    pub user: Option<String>,
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Drops hop-by-hop headers (and those the `Connection` header names).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The client's IP: the peer, or — when the peer is a trusted proxy — the last address in
+/// `X-Forwarded-For` that is not one.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .rev()
+        .find(|ip| !trusted.contains(ip))
+        .unwrap_or(peer)
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The release a request is pinned to, if any.
+pub fn pinned(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .or_else(|| auth::cookie_value(headers, VERSION_COOKIE))
+        .filter(|s| !s.is_empty())
+}
+
+fn rate_headers(h: &mut HeaderMap, v: &Verdict) {
+    for (k, n) in [
+        ("x-ratelimit-limit", u64::from(v.limit)),
+        ("x-ratelimit-remaining", u64::from(v.remaining)),
+        ("x-ratelimit-reset", v.reset_secs),
+    ] {
+        h.insert(k, HeaderValue::from(n));
+    }
+    if !v.allowed {
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(v.retry_after_secs),
+        );
+    }
+}
+
+/// Buckets a request touches on `route` (or the RPC endpoint when `None`).
+fn buckets(
+    cfg: &Compiled,
+    route: Option<&Route>,
+    id: Option<&Identity>,
+    ip: IpAddr,
+) -> Vec<(String, Rate)> {
+    let mut keys = Vec::new();
+    let (ru, ri, scope) = match route {
+        Some(r) => (r.limits.per_user, r.limits.per_ip, r.name.as_str()),
+        None => (None, None, ""),
+    };
+    if let Some(id) = id {
+        match (ru, cfg.per_user) {
+            (Some(rate), _) => keys.push((format!("u:{scope}:{}", id.user), rate)),
+            (None, Some(rate)) => keys.push((format!("u::{}", id.user), rate)),
+            _ => {}
+        }
+    }
+    match (ri, cfg.per_ip) {
+        (Some(rate), _) => keys.push((format!("ip:{scope}:{ip}"), rate)),
+        (None, Some(rate)) => keys.push((format!("ip::{ip}"), rate)),
+        _ => {}
+    }
+    keys
+}
+
+/// Entry for every request on the main listener.
+pub(crate) async fn handle(
+    sh: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let start = Instant::now();
+    let live = sh.live();
+    let rid = request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let ip = client_ip(peer.ip(), req.headers(), &live.cfg.trusted_proxies);
+    let mut log = Log {
+        route: "-".into(),
+        ..Default::default()
+    };
+    sh.metrics
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut resp = dispatch(&sh, &live, req, ip, &rid, &mut log).await;
+    sh.metrics
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    sh.metrics
+        .request(&log.route, status, elapsed.as_secs_f64());
+    tracing::info!(target: "lockstep_gateway::access",
+        request_id = %rid, client = %ip, method = %method, path = %path, route = %log.route,
+        env = %log.env, service = %log.service,
+        upstream = log.upstream.as_deref().unwrap_or("-"),
+        release = log.release.as_deref().unwrap_or("-"),
+        user = log.user.as_deref().unwrap_or("-"),
+        status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    resp
+}
+
+async fn dispatch(
+    sh: &Arc<Shared>,
+    live: &Arc<Live>,
+    req: Request<Incoming>,
+    ip: IpAddr,
+    rid: &str,
+    log: &mut Log,
+) -> Response<Body> {
+    let cfg = &live.cfg;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(normalize_host)
+        .unwrap_or_default();
+    let path = req.uri().path().to_string();
+    if cfg.rpc_enabled && (path == "/rpc" || path.starts_with("/rpc/")) {
+        log.route = "rpc".into();
+        return crate::rpc::handle(sh, live, req, ip, &host, rid, log).await;
+    }
+    let Some(route) = crate::route::select(&cfg.routes, &host, &path) else {
+        log.route = "fallback".into();
+        return match &cfg.fallback {
+            Fallback::Status(s) => {
+                error_response(*s, "not_found", "no route for this host and path")
+            }
+            Fallback::Upstream(base) => {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or(path);
+                let (parts, body) = req.into_parts();
+                let body = match read_body(body, cfg, &parts.headers).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                let member = Arc::new(Member::new(
+                    "fallback",
+                    base,
+                    "",
+                    lockstep_core::Status::Current,
+                ));
+                log.upstream = Some(base.clone());
+                forward(sh, cfg, &member, &parts, &pq, body, rid, None, ip)
+                    .await
+                    .unwrap_or_else(|e| e.response())
+            }
+        };
+    };
+    log.route = route.name.clone();
+    log.service = route.service.clone();
+    // Auth before anything costly.
+    let found = cfg.auth.identify(req.headers());
+    let identity = match auth::decide(route.auth, found) {
+        Decision::Allow(id) => id,
+        Decision::Unauthorized { failed } => return unauthorized(live, failed, ip).await,
+        Decision::Forbidden => {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this route needs a stronger level",
+            );
+        }
+    };
+    log.user = identity.as_ref().map(|i| i.user.clone());
+    let verdict = match check_limits(sh, live, Some(route), identity.as_ref(), ip).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let ns_header = cfg
+        .namespaces
+        .header
+        .as_ref()
+        .and_then(|h| req.headers().get(h))
+        .and_then(|v| v.to_str().ok());
+    let env = cfg
+        .namespaces
+        .select(route.env.as_deref(), ns_header, &host);
+    log.env = env.clone();
+    let pool = match sh.upstreams.pool(&env, &route.service) {
+        Ok(Some(p)) if p.servable() > 0 => p,
+        Ok(_) => {
+            let mut r = unavailable(&format!(
+                "no instance of {} may serve right now",
+                route.service
+            ));
+            if let Some(v) = verdict {
+                rate_headers(r.headers_mut(), &v);
+            }
+            return r;
+        }
+        Err(_) => return unavailable("the registry has been unreachable for too long"),
+    };
+    let upstream_path = route.upstream_path(&path, req.uri().query());
+    let pin = pinned(req.headers());
+    let choice = pin
+        .as_deref()
+        .map(ReleaseChoice::Pinned)
+        .unwrap_or_default();
+    let (mut parts, body) = req.into_parts();
+    let body = match read_body(body, cfg, &parts.headers).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if identity.is_some() {
+        // Gateway credentials are the gateway's: the upstream gets the identity instead.
+        parts.headers.remove(http::header::AUTHORIZATION);
+        parts.headers.remove(auth::API_KEY_HEADER);
+    }
+    let attempts = if idempotent(&parts.method) {
+        cfg.attempts
+    } else {
+        1
+    };
+    let mut tried: Vec<Arc<Member>> = Vec::new();
+    let mut last: Option<ForwardError> = None;
+    for attempt in 0..attempts {
+        let now = sh.upstreams_now_ms();
+        let Some(member) = pool.select(choice, &tried, now, seed()) else {
+            break;
+        };
+        if attempt > 0 {
+            sh.metrics
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        log.upstream = Some(member.endpoint.clone());
+        log.release = Some(lockstep_core::short_id(&member.version_id).to_string());
+        let lease = member.lease();
+        let res = forward(
+            sh,
+            cfg,
+            &member,
+            &parts,
+            &upstream_path,
+            body.clone(),
+            rid,
+            identity.as_ref(),
+            ip,
+        )
+        .await;
+        drop(lease);
+        match res {
+            Ok(mut resp) => {
+                let failed = resp.status().as_u16() >= 502 && resp.status().as_u16() <= 504;
+                if member.record(failed, sh.upstreams_now_ms(), &cfg.ejection) {
+                    sh.metrics
+                        .ejections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(instance = %member.instance_id, "instance ejected after consecutive failures");
+                }
+                if let Some(v) = verdict {
+                    rate_headers(resp.headers_mut(), &v);
+                }
+                if cfg.file.upstream.pin_sessions
+                    && resp.status().is_success()
+                    && pin.as_deref() != Some(member.version_id.as_str())
+                    && let Ok(v) = HeaderValue::from_str(&format!(
+                        "{VERSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax",
+                        member.version_id
+                    ))
+                {
+                    resp.headers_mut().append(http::header::SET_COOKIE, v);
+                }
+                return resp;
+            }
+            Err(e) => {
+                sh.metrics.upstream_error(e.kind());
+                if member.record(true, sh.upstreams_now_ms(), &cfg.ejection) {
+                    sh.metrics
+                        .ejections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(instance = %member.instance_id, "instance ejected after consecutive failures");
+                }
+                let retry = matches!(e, ForwardError::Connect(_));
+                tracing::warn!(request_id = %rid, instance = %member.instance_id, error = %e, "upstream failed");
+                tried.push(member);
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    match last {
+        Some(e) => e.response(),
+        None => unavailable(&format!(
+            "no instance of {} may serve right now",
+            route.service
+        )),
+    }
+}
+
+async fn unauthorized(live: &Arc<Live>, failed: bool, ip: IpAddr) -> Response<Body> {
+    if failed {
+        let v = live
+            .limiter
+            .check(&[(format!("authfail:{ip}"), live.cfg.failed_attempts)])
+            .await;
+        if let Some(v) = v.first().filter(|v| !v.allowed) {
+            let mut r = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many failed authentication attempts",
+            );
+            rate_headers(r.headers_mut(), v);
+            return r;
+        }
+    }
+    let mut r = error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        if failed {
+            "the credential is not valid"
+        } else {
+            "a bearer token, API key or session is needed"
+        },
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"lockstep-gateway\""),
+    );
+    r
+}
+
+/// Takes from the buckets of this request; `Err` is the 429 answer.
+pub(crate) async fn check_limits(
+    sh: &Arc<Shared>,
+    live: &Arc<Live>,
+    route: Option<&Route>,
+    identity: Option<&Identity>,
+    ip: IpAddr,
+) -> Result<Option<Verdict>, Response<Body>> {
+    let keys = buckets(&live.cfg, route, identity, ip);
+    let verdicts = live.limiter.check(&keys).await;
+    let v = headline(&verdicts);
+    if let Some(v) = v.filter(|v| !v.allowed) {
+        sh.metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut r = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests",
+        );
+        rate_headers(r.headers_mut(), &v);
+        return Err(r);
+    }
+    Ok(v)
+}
+
+/// Reads a request body under the size cap and the upstream deadline.
+pub(crate) async fn read_body(
+    body: Incoming,
+    cfg: &Compiled,
+    headers: &HeaderMap,
+) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        let mut r = error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("the body is larger than {} bytes", cfg.max_body),
+        );
+        r.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    if headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > cfg.max_body as u64)
+    {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(cfg.timeout, Limited::new(body, cfg.max_body).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        // The client went away mid-body: nobody will read this answer.
+        Ok(Err(_)) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "incomplete_body",
+            "the request body broke off",
+        )),
+        Err(_) => Err(error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body took too long",
+        )),
+    }
+}
+
+/// Why an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForwardError {
+    /// No connection could be made: nothing was sent, so retrying elsewhere is safe.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The deadline passed before the full answer.
+    #[error("timed out")]
+    Timeout,
+    /// The connection broke or the answer was malformed.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl ForwardError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Connect(_) => "connect",
+            ForwardError::Timeout => "timeout",
+            ForwardError::Protocol(_) => "protocol",
+        }
+    }
+
+    pub(crate) fn response(&self) -> Response<Body> {
+        match self {
+            ForwardError::Timeout => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            ),
+            ForwardError::Connect(_) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                "no upstream instance could be reached",
+            ),
+            ForwardError::Protocol(_) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the upstream answer broke off",
+            ),
+        }
+    }
+}
+
+/// One call to one instance: the whole answer under one deadline.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward(
+    sh: &Arc<Shared>,
+    cfg: &Compiled,
+    member: &Member,
+    parts: &http::request::Parts,
+    path: &str,
+    body: Bytes,
+    rid: &str,
+    identity: Option<&Identity>,
+    ip: IpAddr,
+) -> Result<Response<Body>, ForwardError> {
+    let deadline = tokio::time::Instant::now() + cfg.timeout;
+    let uri: http::Uri = format!("{}{}", member.endpoint, path)
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ForwardError::Protocol(e.to_string()))?;
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(USER_HEADER);
+    headers.remove(LEVEL_HEADER);
+    if let Some(h) = headers.remove(http::header::HOST) {
+        headers.insert("x-forwarded-host", h);
+    }
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        headers.insert(REQUEST_ID, v);
+    }
+    // The client as the gateway determined it (an untrusted peer's own X-Forwarded-For is
+    // not passed on: the upstream may believe this header).
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(id) = identity
+        && let Ok(u) = HeaderValue::from_str(&id.user)
+    {
+        headers.insert(USER_HEADER, u);
+        headers.insert(LEVEL_HEADER, HeaderValue::from_static(id.level.as_str()));
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let resp = match tokio::time::timeout_at(deadline, sh.client.request(req)).await {
+        Err(_) => return Err(ForwardError::Timeout),
+        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.to_string())),
+        Ok(Err(e)) => return Err(ForwardError::Protocol(e.to_string())),
+        Ok(Ok(r)) => r,
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    let streaming = rparts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if streaming {
+        return Ok(Response::from_parts(
+            rparts,
+            rbody.map_err(BoxError::from).boxed(),
+        ));
+    }
+    let bytes = match tokio::time::timeout_at(deadline, rbody.collect()).await {
+        Err(_) => return Err(ForwardError::Timeout),
+        Ok(Err(e)) => return Err(ForwardError::Protocol(e.to_string())),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    rparts.headers.remove(http::header::CONTENT_LENGTH);
+    Ok(Response::from_parts(rparts, full(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_ip_is_believed_from_trusted_proxies_only() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 10.0.0.2"),
+        );
+        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
+        let trusted: Vec<IpAddr> = vec![
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        ];
+        assert_eq!(client_ip(peer, &h, &[]), peer);
+        assert_eq!(client_ip(peer, &h, &trusted).to_string(), "1.1.1.1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}
