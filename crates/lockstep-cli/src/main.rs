@@ -3,6 +3,7 @@
 
 mod cmd_demo;
 mod cmd_fleet;
+mod cmd_gateway;
 mod cmd_guard;
 mod cmd_release;
 mod cmd_serve;
@@ -93,6 +94,8 @@ enum Command {
     Guard(cmd_guard::GuardArgs),
     /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
     Demo(cmd_demo::DemoArgs),
+    /// The version-aware HTTP entry point and RPC proxy.
+    Gateway(cmd_gateway::GatewayArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --dir.
@@ -196,7 +199,7 @@ fn main() -> ExitCode {
     // The registry logs what it does; the tools print their own results, so only warnings
     // from the libraries are interesting there.
     let default_filter = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Gateway(_) => "info",
         // The demo narrates; its in-process registry and workers stay quiet unless asked.
         Command::Demo(_) => "error",
         _ => "warn",
@@ -235,6 +238,7 @@ fn main() -> ExitCode {
             Command::Token(c) => cmd_token::run(c).await,
             Command::Guard(a) => cmd_guard::run(a).await,
             Command::Demo(a) => cmd_demo::run(a).await,
+            Command::Gateway(a) => cmd_gateway::run(a).await,
             Command::Completions(_) => Ok(exit::OK),
             Command::Man(a) => man(a),
         }

@@ -343,6 +343,15 @@ async fn serve_admin(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
                         );
                         r
                     }
+                    "/upstreams" => {
+                        let mut r =
+                            http::Response::new(proxy::full(render_upstreams(&sh).to_string()));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        r
+                    }
                     "/healthz" => http::Response::new(proxy::full("ok\n")),
                     "/readyz" if sh.upstreams.reachable() => {
                         http::Response::new(proxy::full("ready\n"))
@@ -355,7 +364,7 @@ async fn serve_admin(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
                     _ => proxy::error_response(
                         http::StatusCode::NOT_FOUND,
                         "not_found",
-                        "admin serves /metrics, /healthz, /readyz",
+                        "admin serves /metrics, /upstreams, /healthz, /readyz",
                     ),
                 };
                 Ok::<_, std::convert::Infallible>(r)
@@ -367,6 +376,44 @@ async fn serve_admin(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
                 .await;
         });
     }
+}
+
+/// Every pool as the gateway sees it: which instance may serve, and why not.
+fn render_upstreams(sh: &Shared) -> serde_json::Value {
+    let live = sh.live();
+    let now = sh.upstreams_now_ms();
+    let mut out = Vec::new();
+    for env in live.cfg.environments() {
+        for (svc, pool) in sh.upstreams.services(&env).unwrap_or_default() {
+            let members: Vec<serde_json::Value> = pool
+                .members
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "instance_id": m.instance_id,
+                        "endpoint": m.endpoint,
+                        "version": lockstep_core::short_id(&m.version_id),
+                        "status": m.status().as_str(),
+                        "healthy": m.healthy(),
+                        "ejected": m.ejected(now),
+                        "outstanding": m.outstanding(),
+                    })
+                })
+                .collect();
+            out.push(serde_json::json!({
+                "env": env,
+                "service": svc,
+                "expected": pool.expected.as_ref().map(|r| lockstep_core::short_id(&r.release.version_id).to_string()),
+                "servable": pool.servable(),
+                "instances": members,
+            }));
+        }
+    }
+    serde_json::json!({
+        "registry_reachable": sh.upstreams.reachable(),
+        "instance_stream": sh.upstreams.streaming.load(Ordering::Relaxed),
+        "pools": out,
+    })
 }
 
 fn render_metrics(sh: &Shared) -> String {

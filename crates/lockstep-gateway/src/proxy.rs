@@ -351,11 +351,8 @@ async fn dispatch(
         parts.headers.remove(http::header::AUTHORIZATION);
         parts.headers.remove(auth::API_KEY_HEADER);
     }
-    let attempts = if idempotent(&parts.method) {
-        cfg.attempts
-    } else {
-        1
-    };
+    let idempotent = idempotent(&parts.method);
+    let attempts = cfg.attempts;
     let mut tried: Vec<Arc<Member>> = Vec::new();
     let mut last: Option<ForwardError> = None;
     for attempt in 0..attempts {
@@ -416,7 +413,13 @@ async fn dispatch(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(instance = %member.instance_id, "instance ejected after consecutive failures");
                 }
-                let retry = matches!(e, ForwardError::Connect(_));
+                // Nothing reached the instance after a connect failure, so any method may go
+                // elsewhere; after a reset it may have, so only an idempotent one does.
+                let retry = match e {
+                    ForwardError::Connect(_) => true,
+                    ForwardError::Reset(_) => idempotent,
+                    _ => false,
+                };
                 tracing::warn!(request_id = %rid, instance = %member.instance_id, error = %e, "upstream failed");
                 tried.push(member);
                 last = Some(e);
@@ -545,6 +548,10 @@ pub(crate) enum ForwardError {
     /// No connection could be made: nothing was sent, so retrying elsewhere is safe.
     #[error("connect: {0}")]
     Connect(String),
+    /// The connection broke before any answer came (a pooled connection the instance had
+    /// closed, an instance killed mid-request): retried for idempotent methods only.
+    #[error("no answer: {0}")]
+    Reset(String),
     /// The deadline passed before the full answer.
     #[error("timed out")]
     Timeout,
@@ -557,6 +564,7 @@ impl ForwardError {
     fn kind(&self) -> &'static str {
         match self {
             ForwardError::Connect(_) => "connect",
+            ForwardError::Reset(_) => "reset",
             ForwardError::Timeout => "timeout",
             ForwardError::Protocol(_) => "protocol",
         }
@@ -574,7 +582,7 @@ impl ForwardError {
                 "upstream_unreachable",
                 "no upstream instance could be reached",
             ),
-            ForwardError::Protocol(_) => error_response(
+            ForwardError::Reset(_) | ForwardError::Protocol(_) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
                 "the upstream answer broke off",
@@ -629,7 +637,7 @@ pub(crate) async fn forward(
     let resp = match tokio::time::timeout_at(deadline, sh.client.request(req)).await {
         Err(_) => return Err(ForwardError::Timeout),
         Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.to_string())),
-        Ok(Err(e)) => return Err(ForwardError::Protocol(e.to_string())),
+        Ok(Err(e)) => return Err(ForwardError::Reset(e.to_string())),
         Ok(Ok(r)) => r,
     };
     let (mut rparts, rbody) = resp.into_parts();
