@@ -272,7 +272,8 @@ mod tests {
     #[test]
     fn only_current_and_draining_instances_are_candidates() {
         use Status::*;
-        let cases: Vec<(Vec<Arc<Member>>, ReleaseChoice, Vec<&str>)> = vec![
+        type Case<'a> = (Vec<Arc<Member>>, ReleaseChoice<'a>, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
             (
                 vec![
                     m("a", "v2", Current),
