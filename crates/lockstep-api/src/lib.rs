@@ -21,6 +21,8 @@ pub mod codes {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The token's role does not allow the call.
     pub const FORBIDDEN: &str = "forbidden";
+    /// 403: a cookie-authenticated request without its CSRF header.
+    pub const CSRF: &str = "csrf";
     /// No release registered for the service.
     pub const NO_RELEASE: &str = "no_release";
     /// Something else that does not exist.
@@ -211,6 +213,26 @@ pub struct InstanceStatus {
     pub status: Status,
     /// How long it has been stale or missing, in seconds.
     pub drift_secs: u64,
+}
+
+/// The first event of `GET /v1/instances/watch`: every instance of the scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceSnapshot {
+    /// The instances with their status, ordered by environment, service and id.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// An instance gone from `GET /v1/instances/watch` (event `removed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceRemoved {
+    /// The instance.
+    pub instance_id: String,
+    /// Its environment.
+    pub env: String,
+    /// Its service.
+    pub service: String,
+    /// `deregistered`, `missing` or `forgotten`.
+    pub reason: String,
 }
 
 /// One service in `GET /v1/status`.

@@ -416,6 +416,22 @@ impl RegistryClient {
         self.stream("v1/watch", &q).await
     }
 
+    /// Opens the instance stream (`GET /v1/instances/watch`) of an environment (and one
+    /// service): a `snapshot` event, then `instance` and `removed` events as instances
+    /// change. The stream ends when the connection does; reconnecting gives a new snapshot.
+    pub async fn watch_instances(
+        &self,
+        env: &str,
+        service: Option<&str>,
+    ) -> Result<impl futures_util::Stream<Item = crate::sse::SseEvent> + Send + use<>, ClientError>
+    {
+        let mut q = vec![("env", env.to_string())];
+        if let Some(s) = service {
+            q.push(("service", s.to_string()));
+        }
+        self.stream("v1/instances/watch", &q).await
+    }
+
     /// Opens the live event stream (`GET /v1/events/stream`), resuming after `since`.
     pub async fn event_stream(
         &self,

@@ -1,15 +1,12 @@
-//! Events, tokens, health, readiness and metrics.
+//! Events, tokens, health and readiness.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
 use lockstep_api::{CreateToken, CreatedToken, ErrorBody, EventPage, Health, TokenInfo, TokenList};
-use lockstep_core::{Status, validate_name};
+use lockstep_core::validate_name;
 use serde::Deserialize;
-use std::fmt::Write;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::auth::{self, Auth};
 use crate::error::ApiError;
@@ -158,109 +155,4 @@ pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<Health>, Api
             Err(ApiError::Unavailable)
         }
     }
-}
-
-/// Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "health",
-    responses(
-        (status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
-        (status = 503, description = "`service_unavailable`: the registry cannot answer now", body = ErrorBody)))]
-pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let c = &st.counters;
-    let mut out = String::with_capacity(1024);
-    let mut gauge = |name: &str, help: &str, kind: &str, v: i64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
-    };
-    gauge(
-        "lockstep_heartbeats_total",
-        "Heartbeats accepted.",
-        "counter",
-        st.service.heartbeats.load(Ordering::Relaxed) as i64,
-    );
-    gauge(
-        "lockstep_release_changes_total",
-        "Registrations and rollbacks that changed an expected release.",
-        "counter",
-        st.service
-            .projection()
-            .changes_applied
-            .load(Ordering::Relaxed) as i64,
-    );
-    gauge(
-        "lockstep_watchers",
-        "Open watch streams.",
-        "gauge",
-        c.watchers.load(Ordering::Relaxed),
-    );
-    gauge(
-        "lockstep_event_streams",
-        "Open event streams.",
-        "gauge",
-        c.event_streams.load(Ordering::Relaxed),
-    );
-    let lead = st.service.leadership();
-    gauge(
-        "lockstep_leader",
-        "1 when this replica holds the leader lease.",
-        "gauge",
-        i64::from(lead.is_leader()),
-    );
-    if let Some(m) = st.service.mirror() {
-        let ms = m.stats();
-        gauge(
-            "lockstep_redis_mirror_writes_total",
-            "Commands the Redis mirror applied.",
-            "counter",
-            ms.writes as i64,
-        );
-        gauge(
-            "lockstep_redis_mirror_errors_total",
-            "Redis mirror failures (Redis down or refusing).",
-            "counter",
-            ms.errors as i64,
-        );
-        gauge(
-            "lockstep_redis_mirror_pending",
-            "Mirror updates waiting to be written.",
-            "gauge",
-            ms.pending as i64,
-        );
-        gauge(
-            "lockstep_redis_mirror_up",
-            "1 when the last write to Redis succeeded.",
-            "gauge",
-            i64::from(ms.up),
-        );
-    }
-    let Ok(report) = crate::status::report(&st, &Default::default()) else {
-        return ApiError::Unavailable.into_response();
-    };
-    let mut counts = [0i64; 5];
-    for env in &report.environments {
-        for svc in &env.services {
-            for i in &svc.instances {
-                counts[match i.status {
-                    Status::Current => 0,
-                    Status::Draining => 1,
-                    Status::Stale => 2,
-                    Status::Missing => 3,
-                    Status::Unknown => 4,
-                }] += 1;
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lockstep_instances Instances by status.\n# TYPE lockstep_instances gauge"
-    );
-    for (i, s) in ["current", "draining", "stale", "missing", "unknown"]
-        .iter()
-        .enumerate()
-    {
-        let _ = writeln!(out, "lockstep_instances{{status=\"{s}\"}} {}", counts[i]);
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

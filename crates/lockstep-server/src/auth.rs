@@ -1,165 +1,210 @@
-//! Bearer tokens: generation, hashing, and the per-request role check.
+//! Who is calling, for the HTTP side: the bearer token (or, for the dashboard in a
+//! browser, the session cookie), checked against the service's token set before any
+//! handler reads the body, and the role the endpoint requires.
 //!
-//! Secrets never touch the disk or the log: the store keeps SHA-256 hashes, and a presented
-//! token is hashed and then compared against every known hash with a constant-time
-//! comparison, so neither the lookup nor the comparison leaks how close a guess was.
+//! The token set and hashing live in `service::tokens`; this module only parses headers
+//! and cookies, so the dependency points one way (HTTP → service).
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Method, header};
 use lockstep_core::Role;
 use sha2::{Digest, Sha256};
-use std::sync::RwLock;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+pub use crate::service::tokens::{Principal, TokenSet};
 
-/// Who made a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The token's name: the actor recorded in events.
-    pub name: String,
-    /// The token's role.
-    pub role: Role,
-    /// SHA-256 of the presented secret: long-lived streams re-check it after every
-    /// change of the token set and end once it is revoked.
-    pub hash: [u8; 32],
+/// Name of the dashboard's session cookie; its value is the token itself, so any replica
+/// can check it and revoking the token ends the session.
+pub const SESSION_COOKIE: &str = "lockstep_session";
+
+/// Header that must carry [`csrf_token`] on a state-changing request authenticated by the
+/// session cookie.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The CSRF token that goes with a session: derived from the secret (hex, 32 characters),
+/// so it needs no server-side state; a page from another origin can neither read the
+/// cookie nor compute this.
+pub fn csrf_token(token: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"lockstep-csrf\0");
+    h.update(token.as_bytes());
+    hex::encode(&h.finalize()[..16])
 }
 
-/// A fresh random token: `lst_` and 64 hex digits (244 random bits from the OS).
-pub fn generate_token() -> String {
-    let a = uuid::Uuid::new_v4();
-    let b = uuid::Uuid::new_v4();
-    format!("lst_{}{}", a.simple(), b.simple())
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|t| !t.is_empty())
 }
 
-/// SHA-256 of a token, as stored.
-pub fn hash_token(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
 }
 
-/// The in-memory set of valid tokens (hashes only), refreshed on every change.
-#[derive(Default)]
-pub struct TokenSet {
-    entries: RwLock<Vec<([u8; 32], Principal)>>,
-}
-
-impl TokenSet {
-    /// Replaces the whole set.
-    pub fn replace(&self, entries: Vec<([u8; 32], Principal)>) {
-        if let Ok(mut g) = self.entries.write() {
-            *g = entries;
-        }
-    }
-
-    /// Adds or replaces one token by name.
-    pub fn insert(&self, hash: [u8; 32], principal: Principal) {
-        if let Ok(mut g) = self.entries.write() {
-            g.retain(|(_, p)| p.name != principal.name);
-            g.push((hash, principal));
-        }
-    }
-
-    /// Removes a token by name.
-    pub fn remove(&self, name: &str) {
-        if let Ok(mut g) = self.entries.write() {
-            g.retain(|(_, p)| p.name != name);
-        }
-    }
-
-    /// Whether a token with this hash is still valid.
-    pub fn is_valid(&self, hash: &[u8; 32]) -> bool {
-        let Ok(g) = self.entries.read() else {
-            // Unknown state: treat as revoked, so a stream ends rather than outlives it.
-            return false;
-        };
-        let mut found = false;
-        for (h, _) in g.iter() {
-            found |= bool::from(h.ct_eq(hash));
-        }
-        found
-    }
-
-    /// Finds the principal of a presented token, comparing every stored hash in constant time.
-    pub fn lookup(&self, token: &str) -> Option<Principal> {
-        let presented = hash_token(token);
-        let g = self.entries.read().ok()?;
-        let mut found: Option<&Principal> = None;
-        for (hash, principal) in g.iter() {
-            if bool::from(hash.ct_eq(&presented)) {
-                found = Some(principal);
+/// Checks the request's credentials and that their role allows `required`: the bearer
+/// token first; without one, the session cookie — and then, for any method that changes
+/// state, the CSRF header too (a browser sends the cookie along with a forged request;
+/// SameSite=Strict stops that, this is the second line).
+pub fn authorize(
+    tokens: &TokenSet,
+    method: &Method,
+    headers: &HeaderMap,
+    required: Role,
+) -> Result<Principal, ApiError> {
+    let principal = if let Some(token) = bearer(headers) {
+        tokens.lookup(token).ok_or(ApiError::Unauthorized)?
+    } else if let Some(token) = cookie(headers, SESSION_COOKIE) {
+        let p = tokens.lookup(token).ok_or(ApiError::Unauthorized)?;
+        if method != Method::GET && method != Method::HEAD {
+            let expected = csrf_token(token);
+            let presented = headers
+                .get(CSRF_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !bool::from(presented.ct_eq(expected.as_bytes())) {
+                return Err(ApiError::Csrf);
             }
         }
-        found.cloned()
-    }
-
-    /// Checks the request's bearer token and that its role allows `required`.
-    pub fn authorize(&self, headers: &HeaderMap, required: Role) -> Result<Principal, ApiError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized)?;
-        let principal = self.lookup(token).ok_or(ApiError::Unauthorized)?;
-        if principal.role.allows(required) {
-            Ok(principal)
-        } else {
-            Err(ApiError::Forbidden(required.as_str()))
-        }
+        p
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
+    if principal.role.allows(required) {
+        Ok(principal)
+    } else {
+        Err(ApiError::Forbidden(required.as_str()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::tokens::{generate_token, hash_token};
     use axum::http::HeaderValue;
 
-    fn headers(v: &str) -> HeaderMap {
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(v).expect("header"),
-        );
+        for (k, v) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("header"),
+            );
+        }
         h
     }
 
-    #[test]
-    fn tokens_are_checked_by_hash_and_role() {
+    fn set_with(t: &str, role: Role) -> TokenSet {
         let set = TokenSet::default();
-        let t = generate_token();
-        assert!(t.starts_with("lst_") && t.len() == 68);
         set.insert(
-            hash_token(&t),
+            hash_token(t),
             Principal {
                 name: "w".into(),
-                role: Role::Worker,
-                hash: hash_token(&t),
+                role,
+                hash: hash_token(t),
             },
         );
-        assert!(set.is_valid(&hash_token(&t)));
-        let ok = set.authorize(&headers(&format!("Bearer {t}")), Role::Worker);
+        set
+    }
+
+    #[test]
+    fn bearer_tokens_are_checked_by_hash_and_role() {
+        let t = generate_token();
+        let set = set_with(&t, Role::Worker);
+        let get = Method::GET;
+        let ok = authorize(
+            &set,
+            &get,
+            &headers(&[("authorization", &format!("Bearer {t}"))]),
+            Role::Worker,
+        );
         assert_eq!(ok.ok().map(|p| p.name), Some("w".to_string()));
         assert!(matches!(
-            set.authorize(&headers(&format!("bearer {t}")), Role::Deployer),
+            authorize(
+                &set,
+                &get,
+                &headers(&[("authorization", &format!("bearer {t}"))]),
+                Role::Deployer
+            ),
             Err(ApiError::Forbidden("deployer"))
         ));
+        for bad in [
+            headers(&[("authorization", "Bearer nope")]),
+            HeaderMap::new(),
+            headers(&[("authorization", &format!("Basic {t}"))]),
+        ] {
+            assert!(matches!(
+                authorize(&set, &get, &bad, Role::Worker),
+                Err(ApiError::Unauthorized)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_session_cookie_reads_but_writes_only_with_the_csrf_header() {
+        let t = generate_token();
+        let set = set_with(&t, Role::Operator);
+        let cookie = format!("theme=dark; {SESSION_COOKIE}={t}");
+        let read = authorize(
+            &set,
+            &Method::GET,
+            &headers(&[("cookie", &cookie)]),
+            Role::Viewer,
+        );
+        assert!(read.is_ok());
         assert!(matches!(
-            set.authorize(&headers("Bearer nope"), Role::Worker),
-            Err(ApiError::Unauthorized)
+            authorize(
+                &set,
+                &Method::POST,
+                &headers(&[("cookie", &cookie)]),
+                Role::Operator
+            ),
+            Err(ApiError::Csrf)
         ));
         assert!(matches!(
-            set.authorize(&HeaderMap::new(), Role::Worker),
-            Err(ApiError::Unauthorized)
+            authorize(
+                &set,
+                &Method::POST,
+                &headers(&[
+                    ("cookie", &cookie),
+                    (CSRF_HEADER, "0123456789abcdef0123456789abcdef")
+                ]),
+                Role::Operator
+            ),
+            Err(ApiError::Csrf)
         ));
-        assert!(matches!(
-            set.authorize(&headers(&format!("Basic {t}")), Role::Worker),
-            Err(ApiError::Unauthorized)
-        ));
-        set.remove("w");
-        assert!(set.lookup(&t).is_none());
-        assert!(!set.is_valid(&hash_token(&t)));
+        let ok = authorize(
+            &set,
+            &Method::POST,
+            &headers(&[("cookie", &cookie), (CSRF_HEADER, &csrf_token(&t))]),
+            Role::Operator,
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn a_bearer_token_needs_no_csrf_header_even_when_a_cookie_is_present() {
+        let t = generate_token();
+        let set = set_with(&t, Role::Operator);
+        let h = headers(&[
+            ("authorization", &format!("Bearer {t}")),
+            ("cookie", &format!("{SESSION_COOKIE}=garbage")),
+        ]);
+        assert!(authorize(&set, &Method::POST, &h, Role::Operator).is_ok());
     }
 }
 
@@ -196,11 +241,12 @@ impl<R: Requirement> axum::extract::FromRequestParts<std::sync::Arc<crate::state
         parts: &mut axum::http::request::Parts,
         state: &std::sync::Arc<crate::state::AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let p = state
-            .service
-            .projection()
-            .tokens
-            .authorize(&parts.headers, R::ROLE)?;
+        let p = authorize(
+            &state.service.projection().tokens,
+            &parts.method,
+            &parts.headers,
+            R::ROLE,
+        )?;
         Ok(Auth(p, std::marker::PhantomData))
     }
 }

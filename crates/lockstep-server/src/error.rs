@@ -20,6 +20,10 @@ pub enum ApiError {
     /// 403: the token's role does not allow the call.
     #[error("this call needs the {0} role")]
     Forbidden(&'static str),
+    /// 403: a state-changing request authenticated by the session cookie lacks the
+    /// matching CSRF header.
+    #[error("this request needs the X-CSRF-Token header of the dashboard session")]
+    Csrf,
     /// 404 with a code.
     #[error("{1}")]
     NotFound(&'static str, String),
@@ -46,6 +50,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, codes::FORBIDDEN),
+            ApiError::Csrf => (StatusCode::FORBIDDEN, codes::CSRF),
             ApiError::NotFound(c, _) => (StatusCode::NOT_FOUND, c),
             ApiError::Conflict(c, _) => (StatusCode::CONFLICT, c),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE),
@@ -115,6 +120,7 @@ impl From<StoreError> for ApiError {
             ),
             // The database is away (or refusing): retryable, and said without detail.
             StoreError::Database(e) => {
+                crate::service::metrics::store_error();
                 tracing::error!(error = %e, "store failure");
                 ApiError::Unavailable
             }

@@ -9,8 +9,10 @@
 mod admin;
 mod auth;
 mod error;
+mod instance_stream;
 mod instances;
 mod json;
+mod metrics;
 mod openapi;
 mod releases;
 pub mod service;
@@ -18,9 +20,10 @@ mod state;
 mod status;
 mod stream;
 
-pub use auth::{generate_token, hash_token};
+pub use auth::csrf_token;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
+pub use service::tokens::{generate_token, hash_token};
 pub use service::{BOOTSTRAP_TOKEN_NAME, RegistryError, RegistryService};
 pub use state::{Config, default_replica_id};
 
@@ -79,6 +82,7 @@ impl Registry {
             config,
             shutdown: shutdown_rx,
             counters: Counters::default(),
+            http: Default::default(),
         });
         Ok(Registry {
             state,
@@ -109,6 +113,7 @@ impl Registry {
             )
             .route("/v1/watch", get(stream::watch))
             .route("/v1/instances", post(instances::heartbeat))
+            .route("/v1/instances/watch", get(instance_stream::watch_instances))
             .route("/v1/instances/{id}", delete(instances::deregister))
             .route("/v1/status", get(status::status))
             .route("/v1/services", get(status::services))
@@ -133,7 +138,7 @@ impl Registry {
             .merge(v1)
             .route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
-            .route("/metrics", get(admin::metrics))
+            .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
             .fallback(|| async {
                 ApiError::NotFound(
@@ -141,6 +146,12 @@ impl Registry {
                     "no such endpoint; see /openapi.json".into(),
                 )
             })
+            // Inside the routes (Router::layer runs after routing), so the matched route
+            // names the series; outside the error mapping, so the final status is counted.
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                metrics::track,
+            ))
             // Rejections produced by axum itself (a query that does not parse) are plain
             // text; give every error the same JSON shape.
             .layer(axum::middleware::map_response(error::json_errors))

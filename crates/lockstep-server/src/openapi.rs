@@ -14,10 +14,10 @@ use crate::{admin, instances, releases, status, stream};
     paths(
         releases::get_release, releases::put_release, releases::history, releases::rollback,
         stream::watch, stream::event_stream,
-        instances::heartbeat, instances::deregister,
+        instances::heartbeat, instances::deregister, crate::instance_stream::watch_instances,
         status::status, status::services,
         admin::events, admin::create_token, admin::list_tokens, admin::revoke_token,
-        admin::healthz, admin::readyz, admin::metrics,
+        admin::healthz, admin::readyz, crate::metrics::metrics,
     ),
     components(schemas(
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
@@ -26,7 +26,7 @@ use crate::{admin, instances, releases, status, stream};
         lockstep_api::ReleaseHistory, lockstep_api::Event, lockstep_api::EventPage,
         lockstep_api::CreateToken, lockstep_api::CreatedToken, lockstep_api::TokenInfo,
         lockstep_api::TokenList, lockstep_api::Health, lockstep_api::ServiceIndex,
-        lockstep_api::EnvServices,
+        lockstep_api::EnvServices, lockstep_api::InstanceSnapshot, lockstep_api::InstanceRemoved,
         lockstep_core::Release, lockstep_core::StoredRelease, lockstep_core::Instance,
         lockstep_core::Status, lockstep_core::StatusCounts, lockstep_core::Role,
         lockstep_core::RegistrationKind,

@@ -39,61 +39,69 @@ pub struct StatusQuery {
     pub service: Option<String>,
 }
 
-/// Builds the report (also used by `/metrics`).
+/// Builds the report. A filter reads only the services it names (the per-service index),
+/// so one service's status costs what that service holds, whatever the fleet's size.
 pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
-    let ttl = st.config.instance_ttl.as_secs();
+    let projection = st.service.projection();
+    let ttl = projection.instance_ttl();
+    let ttl_secs = ttl.as_secs();
     let keep = |env: &str, svc: &str| {
         q.env.as_deref().is_none_or(|e| e == env) && q.service.as_deref().is_none_or(|s| s == svc)
     };
     let mut tree: BTreeMap<String, BTreeMap<String, ServiceStatus>> = BTreeMap::new();
-    let projection = st.service.projection();
+    let new_service = |name: &str, expected| ServiceStatus {
+        name: name.to_string(),
+        expected,
+        instances: Vec::new(),
+        counts: StatusCounts::default(),
+    };
     for change in projection.all_expected()? {
         let (env, svc) = (&change.release.env, &change.release.service);
         if keep(env, svc) {
-            tree.entry(env.clone()).or_default().insert(
-                svc.clone(),
-                ServiceStatus {
-                    name: svc.clone(),
-                    expected: Some(change.release.clone()),
-                    instances: Vec::new(),
-                    counts: StatusCounts::default(),
-                },
-            );
+            tree.entry(env.clone())
+                .or_default()
+                .insert(svc.clone(), new_service(svc, Some(change.release.clone())));
         }
     }
-    let instances: Vec<_> = projection
-        .instances()?
-        .into_iter()
-        .filter(|i| keep(&i.env, &i.service))
-        .collect();
-    for inst in instances {
-        let svc = tree
-            .entry(inst.env.clone())
-            .or_default()
-            .entry(inst.service.clone())
-            .or_insert_with(|| ServiceStatus {
-                name: inst.service.clone(),
-                expected: None,
-                instances: Vec::new(),
-                counts: StatusCounts::default(),
-            });
-        let missing = now - inst.last_seen > st.config.instance_ttl;
-        let expected = svc.expected.as_ref();
-        let status = instance_status(
-            expected.map(|e| &e.release),
-            &inst.version_id,
-            &inst.components,
-            missing,
-        );
-        let drift = drift_secs(status, now, &inst, expected.map(|e| e.registered_at), ttl);
-        svc.counts.add(status);
-        svc.instances.push(InstanceStatus {
-            instance: inst,
-            status,
-            drift_secs: drift,
-        });
-    }
+    projection.with_fleet(|fleet| {
+        let mut scopes: Vec<_> = fleet
+            .scopes()
+            .filter(|(e, s)| keep(e, s))
+            .cloned()
+            .collect();
+        scopes.sort();
+        for (env, name) in scopes {
+            let svc = tree
+                .entry(env.clone())
+                .or_default()
+                .entry(name.clone())
+                .or_insert_with(|| new_service(&name, None));
+            let expected = svc.expected.as_ref();
+            for inst in fleet.of_service(&env, &name) {
+                let missing = now - inst.last_seen > ttl;
+                let status = instance_status(
+                    expected.map(|e| &e.release),
+                    &inst.version_id,
+                    &inst.components,
+                    missing,
+                );
+                let drift = drift_secs(
+                    status,
+                    now,
+                    inst,
+                    expected.map(|e| e.registered_at),
+                    ttl_secs,
+                );
+                svc.counts.add(status);
+                svc.instances.push(InstanceStatus {
+                    instance: inst.clone(),
+                    status,
+                    drift_secs: drift,
+                });
+            }
+        }
+    })?;
     let lead = st.service.leadership();
     Ok(StatusReport {
         registry: Some(RegistryInfo {
@@ -105,14 +113,7 @@ pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> 
             .into_iter()
             .map(|(name, services)| EnvStatus {
                 name,
-                services: services
-                    .into_values()
-                    .map(|mut s| {
-                        s.instances
-                            .sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
-                        s
-                    })
-                    .collect(),
+                services: services.into_values().collect(),
             })
             .collect(),
     })

@@ -912,10 +912,9 @@ async fn the_openapi_description_declares_query_parameters_in_the_query_and_desc
             }
         }
     }
-    assert_eq!(
-        operations, 17,
-        "every operation of the API, GET /v1/services included"
-    );
+    // At least the operations this file knows of (GET /v1/services and the instance
+    // stream included); new endpoints add to it.
+    assert!(operations >= 18, "only {operations} operations described");
 }
 
 #[tokio::test]

@@ -298,3 +298,24 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The next named event of an SSE stream (skipping the empty items that mark keep-alives
+/// and partial chunks), or `None` when the stream ends or nothing arrives `within`.
+pub async fn next_event<S>(
+    stream: &mut S,
+    within: Duration,
+) -> Option<lockstep_client::sse::SseEvent>
+where
+    S: futures_util::Stream<Item = lockstep_client::sse::SseEvent> + Unpin,
+{
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .ok()??;
+        if !ev.event.is_empty() {
+            return Some(ev);
+        }
+    }
+}

@@ -96,3 +96,63 @@ fn the_registry_service_has_no_http_in_it() {
         "HTTP types in the registry service (map errors at the edge instead): {offenders:#?}"
     );
 }
+
+/// The paths a file under `service/` names outside itself: `crate::x` with `x` other than
+/// `service`, and in `service/mod.rs` any `super::` (its parent is the crate root).
+fn outside_service_paths(path: &Path, text: &str) -> Vec<String> {
+    let is_mod = path.file_name().is_some_and(|n| n == "mod.rs")
+        && path.parent().is_some_and(|d| d.ends_with("service"));
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or_default();
+        let mut rest = code;
+        while let Some(i) = rest.find("crate::") {
+            let after = &rest[i + "crate::".len()..];
+            let seg: String = after
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '{')
+                .collect();
+            if seg != "service" {
+                found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+            }
+            rest = after;
+        }
+        if is_mod && code.contains("super::") {
+            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_registry_service_depends_on_nothing_of_the_server_outside_it() {
+    let offenders: Vec<_> = all_files()
+        .into_iter()
+        .filter(|(p, _)| p.to_string_lossy().contains("lockstep-server/src/service/"))
+        .flat_map(|(p, t)| outside_service_paths(&p, &t))
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "service/ must not import the HTTP side of the server (move what it needs into \
+         service/ instead): {offenders:#?}"
+    );
+}
+
+#[test]
+fn the_one_way_rule_catches_an_import_of_the_http_side() {
+    let p = Path::new("crates/lockstep-server/src/service/drift.rs");
+    assert_eq!(
+        outside_service_paths(
+            p,
+            "use crate::auth::Principal;\nuse crate::service::tokens;"
+        )
+        .len(),
+        1
+    );
+    let m = Path::new("crates/lockstep-server/src/service/mod.rs");
+    assert_eq!(
+        outside_service_paths(m, "use super::state::Config;").len(),
+        1
+    );
+    assert!(outside_service_paths(p, "use super::projection::Change; // crate::auth").is_empty());
+}

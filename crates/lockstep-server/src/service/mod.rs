@@ -7,8 +7,12 @@
 //! — so the caller's next read on this replica sees it, and every other replica sees it
 //! through its own projector, never through this handler.
 
+pub mod config;
+pub mod fleet;
 pub mod leader;
+pub mod metrics;
 pub mod projection;
+pub mod tokens;
 
 use lockstep_api::{CreatedToken, Event, Heartbeat, PutRelease, RollbackRequest};
 use lockstep_core::{
@@ -22,13 +26,18 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::auth::{generate_token, hash_token};
-use crate::state::Config;
+pub use config::Config;
 pub use leader::Leadership;
-pub use projection::{Change, Cursors, InstanceSink, Poisoned, Projection};
+pub use projection::{
+    Change, Convergence, Cursors, InstanceSink, InstanceUpdate, Poisoned, Projection,
+};
+use tokens::{generate_token, hash_token};
 
 /// Name of the bootstrap admin token.
 pub const BOOTSTRAP_TOKEN_NAME: &str = "admin";
+
+/// How often pending release changes are checked for convergence.
+const CONVERGENCE_CHECK: Duration = Duration::from_millis(250);
 
 /// How long a write waits for its own replica's projection before answering anyway.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +103,8 @@ pub struct RegistryService {
     mirror: Option<lockstep_mirror::Mirror>,
     /// Heartbeats accepted by this replica.
     pub heartbeats: AtomicU64,
+    /// Release registered → every live instance current, in seconds.
+    pub convergence: metrics::Histogram,
 }
 
 impl RegistryService {
@@ -159,6 +170,7 @@ impl RegistryService {
             }
         }
         let projection = Projection::load(store.as_ref()).await?;
+        projection.set_instance_ttl(config.instance_ttl);
         let leadership = Arc::new(Leadership::new(config.replica_id.clone()));
         Ok((
             Arc::new(RegistryService {
@@ -168,6 +180,7 @@ impl RegistryService {
                 leadership,
                 mirror,
                 heartbeats: AtomicU64::new(0),
+                convergence: metrics::Histogram::new(metrics::CONVERGENCE_BOUNDS),
             }),
             generated,
         ))
@@ -458,8 +471,36 @@ impl RegistryService {
                 }
             }
         });
+        let me = self.clone();
+        let mut sd = shutdown.clone();
+        let converge = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CONVERGENCE_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => me.observe_convergence(),
+                    _ = sd.changed() => return,
+                }
+            }
+        });
         let leader = tokio::spawn(leader::run(self.clone(), shutdown));
-        vec![proj, flusher, leader]
+        vec![proj, flusher, converge, leader]
+    }
+
+    /// Records the release changes whose service converged since the last call.
+    fn observe_convergence(&self) {
+        let Ok(done) = self.projection.check_convergence(OffsetDateTime::now_utc()) else {
+            return;
+        };
+        for c in done {
+            if let Some(at) = c.converged_at {
+                let secs = (at - c.registered_at).as_seconds_f64().max(0.0);
+                self.convergence.observe(secs);
+                tracing::info!(env = %c.env, service = %c.service,
+                    version = %short_id(&c.version_id), seconds = secs,
+                    "every live instance runs the expected release");
+            }
+        }
     }
 
     /// After the background tasks ended: flush heartbeats, give the lease up so another

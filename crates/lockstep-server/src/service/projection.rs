@@ -17,13 +17,14 @@ use bytes::Bytes;
 use lockstep_api::Event;
 use lockstep_core::{Instance, StoredRelease};
 use lockstep_store::{InstanceChange, Store, StoreError};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::auth::{Principal, TokenSet};
+use super::fleet::Fleet;
+use super::tokens::{Principal, TokenSet};
 
 /// How many items one catch-up read fetches.
 pub(crate) const PAGE: u32 = 1000;
@@ -72,12 +73,75 @@ pub trait InstanceSink: Send + Sync {
     fn removed(&self, instance: &Instance);
 }
 
+/// A change of the instance set that matters to someone routing or watching: a new
+/// instance, a changed version, endpoint, health or components, one back after being
+/// silent — or one gone. Plain heartbeats that change nothing else are not reported.
+#[derive(Debug, Clone)]
+pub enum InstanceUpdate {
+    /// Added or changed.
+    Upserted(Instance),
+    /// Gone: `deregistered`, `missing` or `forgotten`.
+    Removed {
+        /// The instance as last known.
+        instance: Instance,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl InstanceUpdate {
+    /// The instance concerned.
+    pub fn instance(&self) -> &Instance {
+        match self {
+            InstanceUpdate::Upserted(i) | InstanceUpdate::Removed { instance: i, .. } => i,
+        }
+    }
+}
+
+/// Whether the change from `prev` to `next` is worth an [`InstanceUpdate`].
+fn matters(prev: Option<&Instance>, next: &Instance, ttl: Duration) -> bool {
+    let Some(p) = prev else {
+        return true;
+    };
+    let silent = (next.last_seen - p.last_seen) > ttl;
+    silent
+        || p.version_id != next.version_id
+        || p.env != next.env
+        || p.service != next.service
+        || p.endpoint != next.endpoint
+        || p.health != next.health
+        || p.components != next.components
+}
+
+/// A release change and when its service converged on it (every live instance current).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Convergence {
+    /// Environment.
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// The release.
+    pub version_id: String,
+    /// Its revision.
+    pub revision: i64,
+    /// When it became expected.
+    pub registered_at: time::OffsetDateTime,
+    /// When every live instance of the service ran it; `None` while some do not (or it was
+    /// replaced before that).
+    pub converged_at: Option<time::OffsetDateTime>,
+    /// Replaced by a newer release before converging.
+    pub superseded: bool,
+}
+
+/// How many release changes the convergence record keeps.
+const CONVERGENCE_KEPT: usize = 100;
+
 /// The in-memory projection of the store.
 pub struct Projection {
     releases: RwLock<HashMap<String, HashMap<String, Arc<Change>>>>,
     /// Valid tokens.
     pub tokens: TokenSet,
-    instances: Mutex<HashMap<String, Instance>>,
+    instances: Mutex<Fleet>,
     /// Instance ids changed by local heartbeats since the last flush.
     dirty: Mutex<HashSet<String>>,
     changes: broadcast::Sender<Arc<Change>>,
@@ -88,6 +152,10 @@ pub struct Projection {
     /// Wakes the projector after a local write, without waiting for the store's feed.
     poke: Notify,
     sink: RwLock<Option<Arc<dyn InstanceSink>>>,
+    instance_updates: broadcast::Sender<Arc<InstanceUpdate>>,
+    /// An instance silent longer than this is missing (milliseconds).
+    ttl_ms: AtomicU64,
+    convergence: Mutex<VecDeque<Convergence>>,
     /// Release changes applied (for /metrics).
     pub changes_applied: AtomicU64,
 }
@@ -105,7 +173,7 @@ impl Projection {
         let p = Projection {
             releases: RwLock::new(HashMap::new()),
             tokens: TokenSet::default(),
-            instances: Mutex::new(HashMap::new()),
+            instances: Mutex::new(Fleet::default()),
             dirty: Mutex::new(HashSet::new()),
             changes: broadcast::channel(1024).0,
             events: broadcast::channel(1024).0,
@@ -118,6 +186,9 @@ impl Projection {
             token_epoch: watch::channel(0).0,
             poke: Notify::new(),
             sink: RwLock::new(None),
+            instance_updates: broadcast::channel(4096).0,
+            ttl_ms: AtomicU64::new(30_000),
+            convergence: Mutex::new(VecDeque::new()),
             changes_applied: AtomicU64::new(0),
         };
         for r in store.all_expected().await? {
@@ -145,6 +216,119 @@ impl Projection {
     /// A copy of every known instance.
     pub fn instances(&self) -> Result<Vec<Instance>, Poisoned> {
         Ok(lock(&self.instances)?.values().cloned().collect())
+    }
+
+    /// Runs `f` on the indexed instance set (under its lock: keep `f` short and never
+    /// await in it).
+    pub fn with_fleet<R>(&self, f: impl FnOnce(&Fleet) -> R) -> Result<R, Poisoned> {
+        let g = lock(&self.instances)?;
+        Ok(f(&g))
+    }
+
+    /// A copy of one service's instances, ordered by id.
+    pub fn instances_of(&self, env: &str, service: &str) -> Result<Vec<Instance>, Poisoned> {
+        Ok(lock(&self.instances)?
+            .of_service(env, service)
+            .cloned()
+            .collect())
+    }
+
+    /// Sets the TTL after which a silent instance counts as missing.
+    pub fn set_instance_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The TTL after which a silent instance counts as missing.
+    pub fn instance_ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Subscribes to instance changes that matter (see [`InstanceUpdate`]).
+    pub fn subscribe_instances(&self) -> broadcast::Receiver<Arc<InstanceUpdate>> {
+        self.instance_updates.subscribe()
+    }
+
+    fn announce(&self, update: InstanceUpdate) {
+        // No receivers is fine: nobody is watching instances.
+        let _ = self.instance_updates.send(Arc::new(update));
+    }
+
+    /// The recent release changes and their convergence, newest first.
+    pub fn convergence(&self) -> Result<Vec<Convergence>, Poisoned> {
+        Ok(lock(&self.convergence)?.iter().rev().cloned().collect())
+    }
+
+    /// Marks the pending release changes whose service now runs them everywhere (at
+    /// least one live instance, none stale, draining or unknown). Returns the newly
+    /// converged, for the convergence histogram.
+    pub fn check_convergence(
+        &self,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<Convergence>, Poisoned> {
+        let pending: Vec<(String, String, i64)> = lock(&self.convergence)?
+            .iter()
+            .filter(|c| c.converged_at.is_none() && !c.superseded)
+            .map(|c| (c.env.clone(), c.service.clone(), c.revision))
+            .collect();
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = self.instance_ttl();
+        let mut done = Vec::new();
+        for (env, service, revision) in pending {
+            let Some(exp) = self.expected(&env, &service)? else {
+                continue;
+            };
+            if exp.release.revision != revision {
+                continue;
+            }
+            let c = lock(&self.instances)?.counts(
+                &env,
+                &service,
+                Some((&exp.release.release, exp.release.registered_at)),
+                now,
+                ttl,
+            );
+            let n = c.counts;
+            if n.current > 0 && n.stale == 0 && n.draining == 0 && n.unknown == 0 {
+                done.push(revision);
+            }
+        }
+        let mut out = Vec::new();
+        let mut g = lock(&self.convergence)?;
+        for c in g.iter_mut() {
+            if done.contains(&c.revision) && c.converged_at.is_none() {
+                c.converged_at = Some(now);
+                out.push(c.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn record_release(&self, r: &StoredRelease) {
+        let Ok(mut g) = lock(&self.convergence) else {
+            return;
+        };
+        if g.iter().any(|c| c.revision == r.revision) {
+            return;
+        }
+        for c in g.iter_mut() {
+            if c.env == r.env && c.service == r.service && c.converged_at.is_none() {
+                c.superseded = true;
+            }
+        }
+        g.push_back(Convergence {
+            env: r.env.clone(),
+            service: r.service.clone(),
+            version_id: r.release.version_id.clone(),
+            revision: r.revision,
+            registered_at: r.registered_at,
+            converged_at: None,
+            superseded: false,
+        });
+        while g.len() > CONVERGENCE_KEPT {
+            g.pop_front();
+        }
     }
 
     /// Subscribes to release changes.
@@ -247,6 +431,7 @@ impl Projection {
                 let change = Change::new(r);
                 if self.put_release(change.clone()) {
                     self.changes_applied.fetch_add(1, Ordering::Relaxed);
+                    self.record_release(&change.release);
                 }
                 // No receivers is fine: nobody is watching.
                 let _ = self.changes.send(change);
@@ -287,14 +472,26 @@ impl Projection {
                 if let Ok(mut d) = lock(&self.dirty) {
                     d.remove(id);
                 }
-                if let (Some(t), Some(sink)) = (removed, self.sink()) {
-                    sink.removed(&t);
+                if let Some(t) = removed {
+                    if let Some(sink) = self.sink() {
+                        sink.removed(&t);
+                    }
+                    self.announce(InstanceUpdate::Removed {
+                        instance: t,
+                        reason: "deregistered",
+                    });
                 }
             }
             "instance_missing" => {
                 let inst = lock(&self.instances).ok().and_then(|m| m.get(id).cloned());
-                if let (Some(i), Some(sink)) = (inst, self.sink()) {
-                    sink.removed(&i);
+                if let Some(i) = inst {
+                    if let Some(sink) = self.sink() {
+                        sink.removed(&i);
+                    }
+                    self.announce(InstanceUpdate::Removed {
+                        instance: i,
+                        reason: "missing",
+                    });
                 }
             }
             _ => {}
@@ -332,25 +529,35 @@ impl Projection {
         let Ok(dirty) = lock(&self.dirty) else {
             return;
         };
+        let ttl = self.instance_ttl();
         for c in page {
             match c.instance {
                 Some(inst) => {
-                    let newer = map
-                        .get(&c.instance_id)
-                        .is_none_or(|t| inst.last_seen >= t.last_seen);
+                    let prev = map.get(&c.instance_id);
+                    let newer = prev.is_none_or(|t| inst.last_seen >= t.last_seen);
                     if newer {
                         if let Some(s) = &sink {
                             s.upserted(&inst);
                         }
-                        map.insert(c.instance_id, inst);
+                        let news = matters(prev, &inst, ttl);
+                        let announced = news.then(|| inst.clone());
+                        map.insert(inst);
+                        if let Some(i) = announced {
+                            self.announce(InstanceUpdate::Upserted(i));
+                        }
                     }
                 }
                 None => {
                     if !dirty.contains(&c.instance_id)
                         && let Some(t) = map.remove(&c.instance_id)
-                        && let Some(s) = &sink
                     {
-                        s.removed(&t);
+                        if let Some(s) = &sink {
+                            s.removed(&t);
+                        }
+                        self.announce(InstanceUpdate::Removed {
+                            instance: t,
+                            reason: "forgotten",
+                        });
                     }
                 }
             }
@@ -365,9 +572,14 @@ impl Projection {
         update: impl FnOnce(Option<&Instance>) -> (Instance, R),
     ) -> Result<R, Poisoned> {
         let mut map = lock(&self.instances)?;
-        let (inst, r) = update(map.get(id));
-        map.insert(id.to_string(), inst);
+        let prev = map.get(id);
+        let (inst, r) = update(prev);
+        let announced = matters(prev, &inst, self.instance_ttl()).then(|| inst.clone());
+        map.insert(inst);
         drop(map);
+        if let Some(i) = announced {
+            self.announce(InstanceUpdate::Upserted(i));
+        }
         lock(&self.dirty)?.insert(id.to_string());
         Ok(r)
     }
@@ -453,10 +665,11 @@ pub async fn run_projector(
             }
             Ok(()) => {}
             Err(e) if !failing => {
+                super::metrics::store_error();
                 failing = true;
                 tracing::error!(error = %e, "projector: reading the store failed; retrying");
             }
-            Err(_) => {}
+            Err(_) => super::metrics::store_error(),
         }
     }
 }
