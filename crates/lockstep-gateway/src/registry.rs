@@ -11,10 +11,9 @@
 
 use crate::upstream::{Member, Pool};
 use futures_util::StreamExt;
-use lockstep_api::InstanceStatus;
+use lockstep_api::{InstanceRemoved, InstanceSnapshot, InstanceStatus};
 use lockstep_client::RegistryClient;
 use lockstep_core::{Instance, Status, StoredRelease, instance_status, short_id};
-use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -69,8 +68,6 @@ pub struct Upstreams {
     pub streaming: AtomicBool,
     envs: Mutex<HashSet<String>>,
     client: Arc<RegistryClient>,
-    bases: Vec<String>,
-    token: Option<String>,
     generation: tokio::sync::watch::Sender<u64>,
 }
 
@@ -84,7 +81,7 @@ impl Upstreams {
         registry: &str,
         token: Option<String>,
     ) -> Result<Arc<Upstreams>, lockstep_client::ClientError> {
-        let client = Arc::new(RegistryClient::new(registry, token.clone())?);
+        let client = Arc::new(RegistryClient::new(registry, token)?);
         Ok(Arc::new(Upstreams {
             inner: Mutex::new(Inner::default()),
             pools: RwLock::new(HashMap::new()),
@@ -96,12 +93,6 @@ impl Upstreams {
             streaming: AtomicBool::new(false),
             envs: Mutex::new(HashSet::new()),
             client,
-            bases: registry
-                .split(',')
-                .map(|u| u.trim().trim_end_matches('/').to_string())
-                .filter(|u| !u.is_empty())
-                .collect(),
-            token: token.filter(|t| !t.is_empty()),
             generation: tokio::sync::watch::channel(0).0,
         }))
     }
@@ -398,18 +389,6 @@ async fn watch_releases(me: std::sync::Weak<Upstreams>) {
     }
 }
 
-#[derive(Deserialize)]
-struct SnapshotData {
-    instances: Vec<InstanceStatus>,
-}
-
-#[derive(Deserialize)]
-struct RemovedData {
-    instance_id: String,
-    env: String,
-    service: String,
-}
-
 /// Why the push stream could not be used.
 enum StreamEnd {
     /// The registry does not have it (404/405): poll.
@@ -473,81 +452,52 @@ async fn follow_instances(me: std::sync::Weak<Upstreams>, env: String) {
     }
 }
 
-/// Follows `GET /v1/instances/watch?env=` until it ends.
+/// Follows `GET /v1/instances/watch?env=` (the client library's reader) until it ends.
 async fn stream_instances(up: &Upstreams, env: &str) -> StreamEnd {
-    let http = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .build()
-    {
-        Ok(h) => h,
+    let events = match up.client.watch_instances(env, None).await {
+        Ok(s) => s,
+        // An older registry without the stream: poll instead.
+        Err(e) if matches!(e.status(), Some(404 | 405)) => return StreamEnd::Unsupported,
         Err(e) => return StreamEnd::Broken(e.to_string()),
     };
-    let mut last = String::from("no registry URL");
-    for base in &up.bases {
-        let mut req = http
-            .get(format!("{base}/v1/instances/watch"))
-            .query(&[("env", env)]);
-        if let Some(t) = &up.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        match resp.status().as_u16() {
-            200 => {}
-            404 | 405 => return StreamEnd::Unsupported,
-            s => {
-                last = format!("instance stream answered {s}");
-                continue;
-            }
-        }
-        up.contact();
-        if !up.streaming.swap(true, Ordering::Relaxed) {
-            tracing::info!(%env, "following the instance push stream");
-        }
-        let events = lockstep_client::sse::events(resp.bytes_stream());
-        let mut events = std::pin::pin!(events);
-        loop {
-            match tokio::time::timeout(Duration::from_secs(45), events.next()).await {
-                Ok(Some(ev)) => {
-                    up.contact();
-                    let parsed = match ev.event.as_str() {
-                        "snapshot" => serde_json::from_str::<SnapshotData>(&ev.data).map(|s| {
-                            Some(InstanceEvent::Snapshot {
-                                env: env.to_string(),
-                                instances: s.instances,
-                                expected: Vec::new(),
-                            })
-                        }),
-                        "instance" => serde_json::from_str::<InstanceStatus>(&ev.data)
-                            .map(|i| Some(InstanceEvent::Upsert(Box::new(i)))),
-                        "removed" => serde_json::from_str::<RemovedData>(&ev.data).map(|r| {
-                            Some(InstanceEvent::Removed {
-                                env: r.env,
-                                service: r.service,
-                                instance_id: r.instance_id,
-                            })
-                        }),
-                        _ => Ok(None),
-                    };
-                    match parsed {
-                        Ok(Some(e)) => up.on_instances(e),
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring an unreadable instance event")
-                        }
-                    }
+    up.contact();
+    if !up.streaming.swap(true, Ordering::Relaxed) {
+        tracing::info!(%env, "following the instance push stream");
+    }
+    let mut events = std::pin::pin!(events);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(45), events.next()).await {
+            Ok(Some(ev)) => {
+                up.contact();
+                let parsed = match ev.event.as_str() {
+                    "snapshot" => serde_json::from_str::<InstanceSnapshot>(&ev.data).map(|s| {
+                        Some(InstanceEvent::Snapshot {
+                            env: env.to_string(),
+                            instances: s.instances,
+                            expected: Vec::new(),
+                        })
+                    }),
+                    "instance" => serde_json::from_str::<InstanceStatus>(&ev.data)
+                        .map(|i| Some(InstanceEvent::Upsert(Box::new(i)))),
+                    "removed" => serde_json::from_str::<InstanceRemoved>(&ev.data).map(|r| {
+                        Some(InstanceEvent::Removed {
+                            env: r.env,
+                            service: r.service,
+                            instance_id: r.instance_id,
+                        })
+                    }),
+                    _ => Ok(None),
+                };
+                match parsed {
+                    Ok(Some(e)) => up.on_instances(e),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring an unreadable instance event"),
                 }
-                Ok(None) => return StreamEnd::Broken("instance stream ended".into()),
-                Err(_) => return StreamEnd::Broken("instance stream idle too long".into()),
             }
+            Ok(None) => return StreamEnd::Broken("instance stream ended".into()),
+            Err(_) => return StreamEnd::Broken("instance stream idle too long".into()),
         }
     }
-    StreamEnd::Broken(last)
 }
 
 #[cfg(test)]

@@ -99,18 +99,30 @@ impl Gw {
     }
 }
 
+/// A configuration for `reg`: the test callers, then `rest` (its leading top-level keys
+/// are moved above the tables).
 fn config(reg: &InProcessRegistry, token: &str, rest: &str) -> String {
+    let split = rest
+        .lines()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(rest.lines().count());
+    let top: Vec<&str> = rest.lines().take(split).collect();
+    let tables: Vec<&str> = rest.lines().skip(split).collect();
     format!(
         r#"registry = "{}"
 token = "{token}"
 admin_listen = "127.0.0.1:0"
+{}
 [auth]
 tokens = [{{ token = "{ADMIN}", user = "alice", level = "admin" }}, {{ token = "{USER}", user = "bob", level = "authenticated" }}]
 api_keys = [{{ key = "{KEY}", user = "svc-a" }}]
 session_cookie = "session"
 failed_attempts = "3/60s"
-{rest}"#,
-        reg.url
+{}
+"#,
+        reg.url,
+        top.join("\n"),
+        tables.join("\n")
     )
 }
 
@@ -212,6 +224,18 @@ status = 404
     until_servable(&gw, "production", "db", 1).await;
     until_servable(&gw, "staging", "myapp", 1).await;
     let c = http();
+    let v: Value = c
+        .get(format!("{}/upstreams", gw.admin.as_deref().expect("admin")))
+        .send()
+        .await
+        .expect("upstreams")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        v["instance_stream"], true,
+        "instances come over the push stream: {v}"
+    );
     let r = c
         .get(format!("{}/api/db/x/y?q=1", gw.url))
         .header("x-lockstep-user", "mallory")
@@ -935,5 +959,45 @@ async fn hot_reload_applies_a_good_config_and_keeps_the_old_on_a_bad_one() {
     assert!(
         !m.contains("lockstep_gateway_config_reload_failures_total 0"),
         "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_registry_gone_it_routes_on_what_it_knew_for_at_most_fail_open_for() {
+    let reg = InProcessRegistry::start().await;
+    let wt = reg.token("workers", Role::Worker).await;
+    let vt = reg.token("gateway", Role::Viewer).await;
+    register(&reg, "production", "api", V1, &[]).await;
+    let _w = spawn(&reg, &wt, "production", "api", V1);
+    let routes = "[[routes]]\npath = \"/\"\nservice = \"api\"\n";
+    let open = gateway(&config(&reg, &vt, routes)).await;
+    let bounded = gateway(&config(
+        &reg,
+        &vt,
+        &format!("fail_open_for = \"1s\"\n{routes}"),
+    ))
+    .await;
+    until_servable(&open, "production", "api", 1).await;
+    until_servable(&bounded, "production", "api", 1).await;
+    let _dir = reg.stop().await;
+    let c = http();
+    let status = |gw: &Gw| {
+        let u = format!("{}/who", gw.url);
+        let c = c.clone();
+        async move {
+            c.get(u)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!((status(&open).await, status(&bounded).await), (200, 200));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status(&open).await, 200, "fail-open by default");
+    assert_eq!(
+        status(&bounded).await,
+        503,
+        "past fail_open_for nothing is served"
     );
 }
