@@ -1,7 +1,7 @@
 //! Prometheus metrics of the gateway, kept in atomics and a few small maps, rendered as
 //! text by the admin listener's `/metrics`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -13,7 +13,7 @@ const BUCKETS: [f64; 12] = [
 /// Counters and gauges.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    requests: Mutex<HashMap<String, BTreeMap<u16, u64>>>,
     upstream_errors: Mutex<BTreeMap<&'static str, u64>>,
     duration_buckets: [AtomicU64; 12],
     duration_count: AtomicU64,
@@ -38,7 +38,13 @@ impl Metrics {
     /// Records a finished request.
     pub fn request(&self, route: &str, status: u16, secs: f64) {
         if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route.to_string(), status)).or_default() += 1;
+            // Looked up by &str first: no allocation per request once a route was seen.
+            match m.get_mut(route) {
+                Some(by_status) => *by_status.entry(status).or_default() += 1,
+                None => {
+                    m.insert(route.to_string(), BTreeMap::from([(status, 1)]));
+                }
+            }
         }
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
@@ -64,12 +70,16 @@ impl Metrics {
             "# HELP lockstep_gateway_requests_total Requests answered, by route and status.\n# TYPE lockstep_gateway_requests_total counter"
         );
         if let Ok(m) = self.requests.lock() {
-            for ((route, status), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "lockstep_gateway_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
-                    route.replace('\\', "\\\\").replace('"', "\\\"")
-                );
+            let mut routes: Vec<_> = m.iter().collect();
+            routes.sort_by(|a, b| a.0.cmp(b.0));
+            for (route, by_status) in routes {
+                for (status, n) in by_status {
+                    let _ = writeln!(
+                        out,
+                        "lockstep_gateway_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                        route.replace('\\', "\\\\").replace('"', "\\\"")
+                    );
+                }
             }
         }
         let _ = writeln!(
