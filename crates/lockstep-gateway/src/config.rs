@@ -166,6 +166,13 @@ pub struct UpstreamFile {
     /// Largest request body (default `1MiB`, as bytes or with KiB/MiB; 413 beyond).
     #[serde(default)]
     pub max_body: Option<String>,
+    /// Longest pause between two body frames once an answer streams (default: `timeout`);
+    /// a longer stall aborts the connection.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Idle pooled connections kept per upstream instance (default 64).
+    #[serde(default)]
+    pub pool_per_host: Option<usize>,
     /// Consecutive failures that eject an instance (default 3).
     #[serde(default)]
     pub eject_after: Option<u32>,
@@ -286,6 +293,8 @@ pub struct Compiled {
     pub timeout: Duration,
     /// Request body cap.
     pub max_body: usize,
+    /// Longest pause between body frames of a streaming answer.
+    pub idle_timeout: Duration,
     /// Passive health.
     pub ejection: Ejection,
     /// Active health check path.
@@ -525,6 +534,7 @@ impl Compiled {
             (None, None) => Fallback::Status(http::StatusCode::NOT_FOUND),
         };
         let up = &file.upstream;
+        let timeout = dur("upstream.timeout", &up.timeout, Duration::from_secs(30))?;
         let max_body = match &up.max_body {
             Some(s) => parse_size(s)
                 .map_err(|e| GatewayError::config(format!("upstream.max_body: {e}")))?,
@@ -558,7 +568,8 @@ impl Compiled {
             per_user: rate("rate_limit.per_user", &file.rate_limit.per_user)?,
             per_ip: rate("rate_limit.per_ip", &file.rate_limit.per_ip)?,
             trusted_proxies,
-            timeout: dur("upstream.timeout", &up.timeout, Duration::from_secs(30))?,
+            timeout,
+            idle_timeout: dur("upstream.idle_timeout", &up.idle_timeout, timeout)?,
             max_body,
             ejection: Ejection {
                 after_failures: up.eject_after.unwrap_or(3).max(1),

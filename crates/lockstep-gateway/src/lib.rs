@@ -32,8 +32,6 @@ pub mod upstream;
 pub use config::Compiled;
 pub use error::GatewayError;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -56,7 +54,7 @@ pub(crate) struct Live {
 pub(crate) struct Shared {
     live: RwLock<Arc<Live>>,
     pub(crate) upstreams: Arc<Upstreams>,
-    pub(crate) client: Client<HttpConnector, Full<Bytes>>,
+    pub(crate) client: Client<HttpConnector, proxy::ReqBody>,
     pub(crate) metrics: Metrics,
     path: PathBuf,
 }
@@ -173,6 +171,7 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(cfg.file.upstream.pool_per_host.unwrap_or(64))
             .build(http);
         upstreams.follow(&cfg.environments());
         let shared = Arc::new(Shared {

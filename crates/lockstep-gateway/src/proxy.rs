@@ -7,11 +7,15 @@
 //! 2. route, then auth before anything costly (no body read for a 401);
 //! 3. rate limits after auth, so a user's bucket is known;
 //! 4. pool check before reading the body: a 503 costs the client no upload;
-//! 5. body read with the size cap (413) — buffered, so a connect failure can be retried
-//!    on another instance with the same bytes;
-//! 6. upstream call under one deadline covering headers and body (504), the response
-//!    buffered so a hang after the headers still gets a clear 504 (event streams pass
-//!    through unbuffered).
+//! 5. the request body: none, or small with a known length (≤ 64 KiB) — buffered, so a
+//!    connect failure can be retried on another instance with the same bytes — or else
+//!    streamed through under the size cap (413 up front on `Content-Length`, and when a
+//!    chunked body goes past it the upstream call is aborted and the answer is a 413);
+//! 6. upstream call under one deadline covering the response head *and its first body
+//!    frame* (504 when either is late: an upstream hanging after its headers still gets a
+//!    clear answer); from then on the body streams through frame by frame (event streams,
+//!    downloads), and a pause between frames longer than `idle_timeout` aborts the
+//!    connection (warning + `lockstep_gateway_upstream_errors_total{kind="idle"}`).
 
 use crate::auth::{self, Decision, Identity, LEVEL_HEADER, USER_HEADER};
 use crate::config::{Compiled, Fallback};
@@ -24,9 +28,13 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 /// Boxed error of response bodies.
@@ -40,6 +48,209 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub const VERSION_HEADER: &str = "x-lockstep-version";
 /// Cookie pinning a client to a release.
 pub const VERSION_COOKIE: &str = "lockstep-version";
+
+/// Bodies up to this size with a known length are buffered so they can be retried.
+const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// A request body on its way upstream: bytes in hand (retryable) or the client's stream.
+pub enum ReqBody {
+    /// Buffered (or empty): can be sent again to another instance.
+    Bytes(Option<Bytes>),
+    /// Streamed from the client under the size cap.
+    Stream(Capped),
+}
+
+/// The client's body, cut off with an error once it passes the cap.
+pub struct Capped {
+    inner: Incoming,
+    left: usize,
+    over: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Stream(c) => match ready!(Pin::new(&mut c.inner).poll_frame(cx)) {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        if d.len() > c.left {
+                            c.over.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err("request body over the limit".into())));
+                        }
+                        c.left -= d.len();
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                None => Poll::Ready(None),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Bytes(b) => b.is_none(),
+            ReqBody::Stream(c) => c.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Stream(c) => c.inner.size_hint(),
+        }
+    }
+}
+
+/// The request body as the attempts see it: bytes go again, a stream goes once.
+pub(crate) enum Outgoing {
+    Bytes(Option<Bytes>),
+    Stream(Option<Capped>, Arc<AtomicBool>),
+}
+
+impl Outgoing {
+    /// The body for the next attempt; `None` once a stream has been sent.
+    fn next(&mut self) -> Option<ReqBody> {
+        match self {
+            Outgoing::Bytes(b) => Some(ReqBody::Bytes(b.clone())),
+            Outgoing::Stream(s, _) => s.take().map(ReqBody::Stream),
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        matches!(self, Outgoing::Stream(_, over) if over.load(Ordering::Relaxed))
+    }
+}
+
+/// Takes the client's body: nothing to read, small and known (buffered), or a stream.
+pub(crate) async fn outgoing(
+    body: Incoming,
+    cfg: &Compiled,
+    headers: &HeaderMap,
+) -> Result<Outgoing, Response<Body>> {
+    if body.is_end_stream() {
+        return Ok(Outgoing::Bytes(None));
+    }
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) if n > cfg.max_body as u64 => Err(too_large(cfg)),
+        Some(n) if n <= RETRY_BUFFER => read_body(body, cfg, headers)
+            .await
+            .map(|b| Outgoing::Bytes(Some(b))),
+        _ => {
+            let over = Arc::new(AtomicBool::new(false));
+            Ok(Outgoing::Stream(
+                Some(Capped {
+                    inner: body,
+                    left: cfg.max_body,
+                    over: over.clone(),
+                }),
+                over,
+            ))
+        }
+    }
+}
+
+/// A streamed answer: the first frame (already awaited under the deadline), then the
+/// upstream's body with an idle timeout between frames.
+struct Streamed {
+    first: Option<Frame<Bytes>>,
+    inner: Incoming,
+    idle: std::time::Duration,
+    last: tokio::time::Instant,
+    /// Armed only when the upstream makes us wait: a body that is already there costs no
+    /// timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    sh: Arc<Shared>,
+    member: Arc<Member>,
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(f) = this.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if this.timer.is_some() {
+                    this.last = tokio::time::Instant::now();
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => loop {
+                if this.timer.is_none() {
+                    this.last = tokio::time::Instant::now();
+                }
+                let deadline = this.last + this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                ready!(timer.as_mut().poll(cx));
+                if tokio::time::Instant::now() >= this.last + this.idle {
+                    this.sh.metrics.upstream_error("idle");
+                    tracing::warn!(instance = %this.member.instance_id, idle_ms = this.idle.as_millis() as u64,
+                        "upstream stalled mid-body; connection aborted");
+                    return Poll::Ready(Some(Err("upstream stalled mid-body".into())));
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        else {
+            return inner;
+        };
+        let mut h = SizeHint::new();
+        h.set_lower(inner.lower() + n);
+        if let Some(u) = inner.upper() {
+            h.set_upper(u + n);
+        }
+        h
+    }
+}
+
+fn too_large(cfg: &Compiled) -> Response<Body> {
+    let mut r = error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &format!("the body is larger than {} bytes", cfg.max_body),
+    );
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
 
 /// A body from bytes.
 pub fn full(b: impl Into<Bytes>) -> Body {
@@ -274,7 +485,7 @@ async fn dispatch(
                     .map(|p| p.as_str().to_string())
                     .unwrap_or(path);
                 let (parts, body) = req.into_parts();
-                let body = match read_body(body, cfg, &parts.headers).await {
+                let mut body = match outgoing(body, cfg, &parts.headers).await {
                     Ok(b) => b,
                     Err(r) => return r,
                 };
@@ -285,9 +496,15 @@ async fn dispatch(
                     lockstep_core::Status::Current,
                 ));
                 log.upstream = Some(base.clone());
-                forward(sh, cfg, &member, &parts, &pq, body, rid, None, ip)
-                    .await
-                    .unwrap_or_else(|e| e.response())
+                let headers = upstream_headers(parts.headers, rid, None, ip);
+                let Some(b) = body.next() else {
+                    return unavailable("no fallback upstream");
+                };
+                match send(sh, cfg, &member, &parts.method, headers, &pq, b).await {
+                    Ok(r) => r,
+                    Err(_) if body.over_limit() => too_large(cfg),
+                    Err(e) => e.response(),
+                }
             }
         };
     };
@@ -342,7 +559,7 @@ async fn dispatch(
         .map(ReleaseChoice::Pinned)
         .unwrap_or_default();
     let (mut parts, body) = req.into_parts();
-    let body = match read_body(body, cfg, &parts.headers).await {
+    let mut body = match outgoing(body, cfg, &parts.headers).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -352,6 +569,12 @@ async fn dispatch(
         parts.headers.remove(auth::API_KEY_HEADER);
     }
     let idempotent = idempotent(&parts.method);
+    let mut headers = Some(upstream_headers(
+        std::mem::take(&mut parts.headers),
+        rid,
+        identity.as_ref(),
+        ip,
+    ));
     let attempts = cfg.attempts;
     let mut tried: Vec<Arc<Member>> = Vec::new();
     let mut last: Option<ForwardError> = None;
@@ -365,21 +588,24 @@ async fn dispatch(
                 .retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let Some(b) = body.next() else {
+            break;
+        };
+        // A later attempt is possible only with bytes in hand: then (and only then) the
+        // headers are copied; the last possible attempt takes them.
+        let h = if attempt + 1 < attempts && matches!(body, Outgoing::Bytes(_)) {
+            headers.clone().unwrap_or_default()
+        } else {
+            headers.take().unwrap_or_default()
+        };
         log.upstream = Some(member.endpoint.clone());
         log.release = Some(lockstep_core::short_id(&member.version_id).to_string());
         let lease = member.lease();
-        let res = forward(
-            sh,
-            cfg,
-            &member,
-            &parts,
-            &upstream_path,
-            body.clone(),
-            rid,
-            identity.as_ref(),
-            ip,
-        )
-        .await;
+        let res = send(sh, cfg, &member, &parts.method, h, &upstream_path, b).await;
+        let res = match res {
+            Err(_) if body.over_limit() => Err(ForwardError::TooLarge(cfg.max_body)),
+            r => r,
+        };
         drop(lease);
         match res {
             Ok(mut resp) => {
@@ -405,6 +631,8 @@ async fn dispatch(
                 }
                 return resp;
             }
+            // The client's fault, not the instance's.
+            Err(e @ ForwardError::TooLarge(_)) => return e.response(),
             Err(e) => {
                 sh.metrics.upstream_error(e.kind());
                 if member.record(true, sh.upstreams_now_ms(), &cfg.ejection) {
@@ -419,7 +647,7 @@ async fn dispatch(
                     ForwardError::Connect(_) => true,
                     ForwardError::Reset(_) => idempotent,
                     _ => false,
-                };
+                } && headers.is_some();
                 tracing::warn!(request_id = %rid, instance = %member.instance_id, error = %e, "upstream failed");
                 tried.push(member);
                 last = Some(e);
@@ -502,16 +730,7 @@ pub(crate) async fn read_body(
     cfg: &Compiled,
     headers: &HeaderMap,
 ) -> Result<Bytes, Response<Body>> {
-    let too_large = || {
-        let mut r = error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            &format!("the body is larger than {} bytes", cfg.max_body),
-        );
-        r.headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        r
-    };
+    let too_large = || too_large(cfg);
     if headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -558,6 +777,9 @@ pub(crate) enum ForwardError {
     /// The connection broke or the answer was malformed.
     #[error("{0}")]
     Protocol(String),
+    /// The client's streamed body went past the cap: the upstream call was aborted.
+    #[error("request body over the limit")]
+    TooLarge(usize),
 }
 
 impl ForwardError {
@@ -567,6 +789,7 @@ impl ForwardError {
             ForwardError::Reset(_) => "reset",
             ForwardError::Timeout => "timeout",
             ForwardError::Protocol(_) => "protocol",
+            ForwardError::TooLarge(_) => "too_large",
         }
     }
 
@@ -582,6 +805,16 @@ impl ForwardError {
                 "upstream_unreachable",
                 "no upstream instance could be reached",
             ),
+            ForwardError::TooLarge(max) => {
+                let mut r = error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    &format!("the body is larger than {max} bytes"),
+                );
+                r.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
             ForwardError::Reset(_) | ForwardError::Protocol(_) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
@@ -591,24 +824,14 @@ impl ForwardError {
     }
 }
 
-/// One call to one instance: the whole answer under one deadline.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn forward(
-    sh: &Arc<Shared>,
-    cfg: &Compiled,
-    member: &Member,
-    parts: &http::request::Parts,
-    path: &str,
-    body: Bytes,
+/// The headers an instance gets: hop-by-hop and identity headers of the client dropped,
+/// the gateway's own set. Built once per request, however many attempts follow.
+pub(crate) fn upstream_headers(
+    mut headers: HeaderMap,
     rid: &str,
     identity: Option<&Identity>,
     ip: IpAddr,
-) -> Result<Response<Body>, ForwardError> {
-    let deadline = tokio::time::Instant::now() + cfg.timeout;
-    let uri: http::Uri = format!("{}{}", member.endpoint, path)
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| ForwardError::Protocol(e.to_string()))?;
-    let mut headers = parts.headers.clone();
+) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(USER_HEADER);
     headers.remove(LEVEL_HEADER);
@@ -620,7 +843,7 @@ pub(crate) async fn forward(
     }
     // The client as the gateway determined it (an untrusted peer's own X-Forwarded-For is
     // not passed on: the upstream may believe this header).
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -630,8 +853,46 @@ pub(crate) async fn forward(
         headers.insert(USER_HEADER, u);
         headers.insert(LEVEL_HEADER, HeaderValue::from_static(id.level.as_str()));
     }
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = parts.method.clone();
+    headers
+}
+
+/// One call to one instance with buffered bytes (the RPC proxy's calls).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward(
+    sh: &Arc<Shared>,
+    cfg: &Compiled,
+    member: &Arc<Member>,
+    parts: &http::request::Parts,
+    path: &str,
+    body: Bytes,
+    rid: &str,
+    identity: Option<&Identity>,
+    ip: IpAddr,
+) -> Result<Response<Body>, ForwardError> {
+    let headers = upstream_headers(parts.headers.clone(), rid, identity, ip);
+    let body = ReqBody::Bytes(Some(body).filter(|b| !b.is_empty()));
+    send(sh, cfg, member, &parts.method, headers, path, body).await
+}
+
+/// One call to one instance: the response head and the first body frame (or the end of
+/// the body) under one deadline, then the body streamed with an idle timeout.
+pub(crate) async fn send(
+    sh: &Arc<Shared>,
+    cfg: &Compiled,
+    member: &Arc<Member>,
+    method: &Method,
+    headers: HeaderMap,
+    path: &str,
+    body: ReqBody,
+) -> Result<Response<Body>, ForwardError> {
+    let deadline = tokio::time::Instant::now() + cfg.timeout;
+    let mut uri = String::with_capacity(member.endpoint.len() + path.len());
+    uri.push_str(&member.endpoint);
+    uri.push_str(path);
+    let uri = http::Uri::try_from(uri)
+        .map_err(|e: http::uri::InvalidUri| ForwardError::Protocol(e.to_string()))?;
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     let resp = match tokio::time::timeout_at(deadline, sh.client.request(req)).await {
@@ -640,26 +901,30 @@ pub(crate) async fn forward(
         Ok(Err(e)) => return Err(ForwardError::Reset(e.to_string())),
         Ok(Ok(r)) => r,
     };
-    let (mut rparts, rbody) = resp.into_parts();
+    let (mut rparts, mut rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    let streaming = rparts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if streaming {
-        return Ok(Response::from_parts(
-            rparts,
-            rbody.map_err(BoxError::from).boxed(),
-        ));
-    }
-    let bytes = match tokio::time::timeout_at(deadline, rbody.collect()).await {
-        Err(_) => return Err(ForwardError::Timeout),
-        Ok(Err(e)) => return Err(ForwardError::Protocol(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
+    // Waiting for the first frame is what keeps "headers, then nothing" a clear 504; after
+    // it, the client sees bytes as they come.
+    let first = if rbody.is_end_stream() {
+        None
+    } else {
+        match tokio::time::timeout_at(deadline, rbody.frame()).await {
+            Err(_) => return Err(ForwardError::Timeout),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => return Err(ForwardError::Protocol(e.to_string())),
+            Ok(Some(Ok(f))) => Some(f),
+        }
     };
-    rparts.headers.remove(http::header::CONTENT_LENGTH);
-    Ok(Response::from_parts(rparts, full(bytes)))
+    let body = Streamed {
+        first,
+        inner: rbody,
+        idle: cfg.idle_timeout,
+        last: tokio::time::Instant::now(),
+        timer: None,
+        sh: sh.clone(),
+        member: member.clone(),
+    };
+    Ok(Response::from_parts(rparts, BodyExt::boxed(body)))
 }
 
 #[cfg(test)]

@@ -41,7 +41,9 @@ struct Args {
     #[arg(long)]
     no_version_check: bool,
     /// Also serve routes that only tests need: any other path echoes the request as JSON,
-    /// and `GET /stall` sends its headers and then never finishes the body.
+    /// `GET /stall` sends its headers and then no body (`?partial`: one chunk, then
+    /// nothing), and `GET /events` sends three server-sent events 300 ms apart, then keeps
+    /// the response open for another second.
     #[arg(long)]
     test_routes: bool,
 }
@@ -127,9 +129,10 @@ async fn main() -> anyhow::Result<()> {
     if args.test_routes {
         app = app
             .route("/stall", get(stall))
+            .route("/events", get(events))
             .fallback(move |req: Request| {
                 let who = echo_who.clone();
-                async move { echo_request(req, &who) }
+                async move { echo_request(req, who).await }
             });
     }
     if !args.no_version_check {
@@ -200,17 +203,19 @@ async fn rpc(method: &str, body: &[u8], who: &serde_json::Value) -> Response {
 }
 
 /// Test route: what this instance received (path, query, the headers a gateway sets).
-fn echo_request(req: Request, who: &serde_json::Value) -> Response {
+async fn echo_request(req: Request, who: Arc<serde_json::Value>) -> Response {
+    let (parts, body) = req.into_parts();
     let h = |name: &str| {
-        req.headers()
+        parts
+            .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    Json(serde_json::json!({
-        "method": req.method().as_str(),
-        "path": req.uri().path(),
-        "query": req.uri().query(),
+    let answer = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
         "instance_id": who["instance_id"],
         "version_id": who["version_id"],
         "x_request_id": h("x-request-id"),
@@ -218,18 +223,52 @@ fn echo_request(req: Request, who: &serde_json::Value) -> Response {
         "x_lockstep_auth_level": h("x-lockstep-auth-level"),
         "x_forwarded_for": h("x-forwarded-for"),
         "authorization": h("authorization"),
-    }))
-    .into_response()
+    });
+    // Read like a real handler would: a body cut off on the way is the caller's error.
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut answer = answer;
+    answer["body_len"] = body.len().into();
+    Json(answer).into_response()
 }
 
-/// Test route: headers now, body never (an upstream that hangs mid-answer).
-async fn stall() -> Response {
-    let body = futures_util::stream::once(async {
-        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"partial"))
-    })
-    .chain(futures_util::stream::pending());
+/// Test route: headers now, body never (an upstream that hangs after its headers); with
+/// `?partial`, one chunk first (an upstream that stalls mid-body).
+async fn stall(uri: axum::http::Uri) -> Response {
+    let partial = uri.query().is_some_and(|q| q.contains("partial"));
+    let first = futures_util::stream::iter(
+        partial.then(|| Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"partial"))),
+    );
+    let body = first.chain(futures_util::stream::pending());
     Response::builder()
         .header("content-type", "text/plain")
+        .body(axum::body::Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Test route: three server-sent events 300 ms apart, then the response stays open for a
+/// second before it ends (so a proxy that buffers is caught).
+async fn events() -> Response {
+    let body = futures_util::stream::unfold(0u32, |i| async move {
+        match i {
+            0..=2 => {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                let e = format!("event: tick\ndata: {i}\n\n");
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(e)), i + 1))
+            }
+            3 => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                Some((Ok(axum::body::Bytes::from_static(b": end\n\n")), 4))
+            }
+            _ => None,
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
         .body(axum::body::Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

@@ -827,6 +827,26 @@ async fn hang_disconnect_and_oversize_get_clear_answers_and_leave_no_stuck_conne
             .expect("stall");
         assert_eq!(r.status(), 504, "headers came, the body never did");
         assert!(t.elapsed() < Duration::from_secs(3));
+        // A first frame, then nothing: the answer streams, and the idle timeout cuts it.
+        let mut r = c
+            .get(format!("{}/stall?partial", gw.url))
+            .send()
+            .await
+            .expect("partial");
+        assert_eq!(r.status(), 200, "the first frame came: the answer streams");
+        let mut got = Vec::new();
+        let aborted = loop {
+            match tokio::time::timeout(Duration::from_secs(3), r.chunk())
+                .await
+                .expect("cut within the idle timeout")
+            {
+                Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(aborted, "a stall mid-body aborts the connection");
+        assert_eq!(got, b"partial");
         let r = c
             .post(format!("{}/x", gw.url))
             .body(vec![b'a'; 2048])
@@ -891,7 +911,9 @@ async fn hang_disconnect_and_oversize_get_clear_answers_and_leave_no_stuck_conne
             && gauge("lockstep_gateway_in_flight_requests").as_deref() == Some("0")
         {
             assert!(
-                m.contains("status=\"504\"") && m.contains("status=\"413\""),
+                m.contains("status=\"504\"")
+                    && m.contains("status=\"413\"")
+                    && m.contains("kind=\"idle\""),
                 "{m}"
             );
             break;
@@ -999,5 +1021,66 @@ async fn with_the_registry_gone_it_routes_on_what_it_knew_for_at_most_fail_open_
         status(&bounded).await,
         503,
         "past fail_open_for nothing is served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_arrive_one_by_one_before_the_upstream_ends() {
+    let reg = InProcessRegistry::start().await;
+    let wt = reg.token("workers", Role::Worker).await;
+    let vt = reg.token("gateway", Role::Viewer).await;
+    register(&reg, "production", "api", V1, &[]).await;
+    let _w = spawn(&reg, &wt, "production", "api", V1);
+    let gw = gateway(&config(
+        &reg,
+        &vt,
+        "[upstream]\ntimeout = \"2s\"\n[[routes]]\npath = \"/\"\nservice = \"api\"\n",
+    ))
+    .await;
+    until_servable(&gw, "production", "api", 1).await;
+    let t = Instant::now();
+    let mut r = http()
+        .get(format!("{}/events", gw.url))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    // The upstream sends an event every 300 ms and ends the response a second after the
+    // third: each must be here on its own, long before that end.
+    let mut seen = String::new();
+    let mut at = Vec::new();
+    while at.len() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(3), r.chunk())
+            .await
+            .expect("an event within 3 s")
+            .expect("chunk")
+            .expect("the response ended before the third event");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        while at.len() < seen.matches("\n\n").count().min(3) {
+            at.push(t.elapsed());
+        }
+    }
+    assert!(
+        seen.starts_with(
+            "event: tick\ndata: 0\n\nevent: tick\ndata: 1\n\nevent: tick\ndata: 2\n\n"
+        ),
+        "{seen}"
+    );
+    assert!(
+        at[2] - at[0] >= Duration::from_millis(450),
+        "events came together, not one by one: {at:?}"
+    );
+    let rest = r.text().await.expect("the end");
+    let ended = t.elapsed();
+    assert!(rest.contains(": end"), "{rest}");
+    assert!(
+        ended - at[2] >= Duration::from_millis(700),
+        "the third event waited for the end of the response: {at:?}, end {ended:?}"
     );
 }
