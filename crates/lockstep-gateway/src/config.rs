@@ -160,7 +160,8 @@ pub struct NamespaceHost {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
-    /// Total time an upstream has to answer, headers and body (default `30s`; 504 after).
+    /// Time an upstream has for its response head and first body frame (default `30s`;
+    /// 504 after).
     #[serde(default)]
     pub timeout: Option<String>,
     /// Largest request body (default `1MiB`, as bytes or with KiB/MiB; 413 beyond).

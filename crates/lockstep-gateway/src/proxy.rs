@@ -187,6 +187,11 @@ impl hyper::body::Body for Streamed {
         if let Some(f) = this.first.take() {
             return Poll::Ready(Some(Ok(f)));
         }
+        // hyper signals the end of a length-delimited body only when the connection task
+        // gets round to it; the length says so at once (and spares a timer and a wakeup).
+        if this.inner.is_end_stream() {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if this.timer.is_some() {
@@ -342,13 +347,26 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAdd
         .unwrap_or(peer)
 }
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+/// The incoming id when it is sane, else a new one: a random per-process prefix and a
+/// counter (unique, and no call into the OS per request as a random UUID would make).
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(REQUEST_ID).filter(|v| {
+        !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic)
+    }) {
+        return v.clone();
+    }
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, x) in [prefix, n].into_iter().enumerate() {
+        for j in 0..16 {
+            buf[i * 16 + j] = HEX[((x >> (60 - 4 * j)) & 0xf) as usize];
+        }
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -419,9 +437,11 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     let live = sh.live();
-    let rid = request_id(req.headers());
+    let rid_value = request_id(req.headers());
+    let rid = rid_value.to_str().unwrap_or("-");
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A cheap copy (shared bytes), kept for the access log.
+    let uri = req.uri().clone();
     let ip = client_ip(peer.ip(), req.headers(), &live.cfg.trusted_proxies);
     let mut log = Log {
         route: "-".into(),
@@ -430,19 +450,17 @@ pub(crate) async fn handle(
     sh.metrics
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut resp = dispatch(&sh, &live, req, ip, &rid, &mut log).await;
+    let mut resp = dispatch(&sh, &live, req, ip, &rid_value, &mut log).await;
     sh.metrics
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    if let Ok(v) = HeaderValue::from_str(&rid) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
+    resp.headers_mut().insert(REQUEST_ID, rid_value.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     sh.metrics
         .request(&log.route, status, elapsed.as_secs_f64());
     tracing::info!(target: "lockstep_gateway::access",
-        request_id = %rid, client = %ip, method = %method, path = %path, route = %log.route,
+        request_id = %rid, client = %ip, method = %method, path = uri.path(), route = %log.route,
         env = %log.env, service = %log.service,
         upstream = log.upstream.as_deref().unwrap_or("-"),
         release = log.release.as_deref().unwrap_or("-"),
@@ -456,9 +474,10 @@ async fn dispatch(
     live: &Arc<Live>,
     req: Request<Incoming>,
     ip: IpAddr,
-    rid: &str,
+    rid_value: &HeaderValue,
     log: &mut Log,
 ) -> Response<Body> {
+    let rid = rid_value.to_str().unwrap_or("-");
     let cfg = &live.cfg;
     let host = req
         .headers()
@@ -496,7 +515,7 @@ async fn dispatch(
                     lockstep_core::Status::Current,
                 ));
                 log.upstream = Some(base.clone());
-                let headers = upstream_headers(parts.headers, rid, None, ip);
+                let headers = upstream_headers(parts.headers, rid_value, None, ip);
                 let Some(b) = body.next() else {
                     return unavailable("no fallback upstream");
                 };
@@ -571,7 +590,7 @@ async fn dispatch(
     let idempotent = idempotent(&parts.method);
     let mut headers = Some(upstream_headers(
         std::mem::take(&mut parts.headers),
-        rid,
+        rid_value,
         identity.as_ref(),
         ip,
     ));
@@ -828,7 +847,7 @@ impl ForwardError {
 /// the gateway's own set. Built once per request, however many attempts follow.
 pub(crate) fn upstream_headers(
     mut headers: HeaderMap,
-    rid: &str,
+    rid: &HeaderValue,
     identity: Option<&Identity>,
     ip: IpAddr,
 ) -> HeaderMap {
@@ -838,9 +857,7 @@ pub(crate) fn upstream_headers(
     if let Some(h) = headers.remove(http::header::HOST) {
         headers.insert("x-forwarded-host", h);
     }
-    if let Ok(v) = HeaderValue::from_str(rid) {
-        headers.insert(REQUEST_ID, v);
-    }
+    headers.insert(REQUEST_ID, rid.clone());
     // The client as the gateway determined it (an untrusted peer's own X-Forwarded-For is
     // not passed on: the upstream may believe this header).
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())) {
@@ -869,7 +886,8 @@ pub(crate) async fn forward(
     identity: Option<&Identity>,
     ip: IpAddr,
 ) -> Result<Response<Body>, ForwardError> {
-    let headers = upstream_headers(parts.headers.clone(), rid, identity, ip);
+    let rid = HeaderValue::from_str(rid).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    let headers = upstream_headers(parts.headers.clone(), &rid, identity, ip);
     let body = ReqBody::Bytes(Some(body).filter(|b| !b.is_empty()));
     send(sh, cfg, member, &parts.method, headers, path, body).await
 }
@@ -915,6 +933,19 @@ pub(crate) async fn send(
             Ok(Some(Ok(f))) => Some(f),
         }
     };
+    // The whole answer in one frame (the common small answer): hand it over as it is,
+    // with its exact length and without a streaming wrapper.
+    if rbody.is_end_stream() {
+        drop(rbody);
+        let body = match first.map(Frame::into_data) {
+            Some(Ok(data)) => full(data),
+            Some(Err(trailers)) => BodyExt::boxed(http_body_util::StreamBody::new(
+                futures_util::stream::once(async move { Ok::<_, BoxError>(trailers) }),
+            )),
+            None => full(Bytes::new()),
+        };
+        return Ok(Response::from_parts(rparts, body));
+    }
     let body = Streamed {
         first,
         inner: rbody,

@@ -596,8 +596,11 @@ mod tests {
             .pool("production", "api")
             .expect("ok")
             .expect("pool")
-            .members[1]
-            .clone();
+            .members
+            .iter()
+            .find(|m| m.instance_id == "b")
+            .cloned()
+            .expect("b");
         up.on_instances(InstanceEvent::Removed {
             env: "production".into(),
             service: "api".into(),
