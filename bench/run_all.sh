@@ -7,6 +7,8 @@ echo "## Heartbeats"; ./heartbeats.sh; echo
 echo "## Watch fan-out and idle memory"; ./watch_fanout.sh; echo
 echo "## Client library in a worker"; ./worker.sh
 echo
+echo "## Gateway"; ./gateway.sh
+echo
 # The PostgreSQL figures need a database (LOCKSTEP_BENCH_PG, default the local `test` one).
 PG=${LOCKSTEP_BENCH_PG:-postgres://postgres@127.0.0.1:5432/test}
 if psql -X -qtA "$PG" -c 'select 1' >/dev/null 2>&1; then

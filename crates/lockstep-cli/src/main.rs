@@ -5,6 +5,7 @@ mod cmd_agent;
 mod cmd_alerts;
 mod cmd_demo;
 mod cmd_fleet;
+mod cmd_gateway;
 mod cmd_guard;
 mod cmd_package;
 mod cmd_release;
@@ -105,6 +106,8 @@ enum Command {
     /// Create, sign and verify update packages; generate signing keys.
     #[command(subcommand)]
     Package(cmd_package::PackageCommand),
+    /// The version-aware HTTP entry point and RPC proxy.
+    Gateway(cmd_gateway::GatewayArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --dir.
@@ -208,7 +211,7 @@ fn main() -> ExitCode {
     // The registry logs what it does; the tools print their own results, so only warnings
     // from the libraries are interesting there.
     let default_filter = match cli.command {
-        Command::Serve(_) | Command::Agent(_) => "info",
+        Command::Serve(_) | Command::Agent(_) | Command::Gateway(_) => "info",
         // The demo narrates; its in-process registry and workers stay quiet unless asked.
         Command::Demo(_) => "error",
         _ => "warn",
@@ -250,6 +253,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => cmd_demo::run(a).await,
             Command::Agent(a) => cmd_agent::run(a).await,
             Command::Package(c) => cmd_package::run(c),
+            Command::Gateway(a) => cmd_gateway::run(a).await,
             Command::Completions(_) => Ok(exit::OK),
             Command::Man(a) => man(a),
         }
