@@ -43,41 +43,10 @@ echo "== clients check: building lockstep"
 cargo build --quiet -p lockstep-cli --bin lockstep
 lockstep="$target/debug/lockstep"
 
-work=$(mktemp -d)
-server_pid=
-cleanup() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work" "$ts/gen" "$ts/dist"
-}
-trap cleanup EXIT
-
+source "$root/.ci/serve-lib.sh"
+cleanup_paths+=("$ts/gen" "$ts/dist")
 token="lst_$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
-LOCKSTEP_ADMIN_TOKEN="$token" LOCKSTEP_LOG_FORMAT=text \
-  "$lockstep" serve --listen 127.0.0.1:0 --data-dir "$work/data" \
-  >"$work/serve.out" 2>"$work/serve.log" &
-server_pid=$!
-addr=
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's|^listening on http://\([0-9.:]*\).*|\1|p' "$work/serve.out" | head -n1)
-  [ -n "$addr" ] && break
-  kill -0 "$server_pid" 2>/dev/null || break
-  sleep 0.1
-done
-if [ -z "$addr" ]; then
-  echo "lockstep serve did not start:" >&2
-  cat "$work/serve.out" "$work/serve.log" >&2
-  exit 1
-fi
-case "$addr" in
-  127.0.0.1:*) ;;
-  *) echo "refusing to test $addr: not on 127.0.0.1" >&2; exit 1 ;;
-esac
-base="http://$addr"
-export NO_PROXY=127.0.0.1 no_proxy=127.0.0.1
-unset HTTP_PROXY HTTPS_PROXY ALL_PROXY http_proxy https_proxy all_proxy
+start_serve "$lockstep" "$token"
 curl -fsS "$base/openapi.json" -o "$work/openapi.json"
 echo "== clients check: lockstep serve on $base"
 
