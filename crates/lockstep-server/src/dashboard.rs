@@ -20,9 +20,7 @@ use lockstep_api::{
     DashboardReport, Deploy, ErrorBody, InstancePage, InstanceStatus, LoginAnswer, LoginRequest,
     ServiceCounts,
 };
-use lockstep_core::{
-    Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id, validate_name,
-};
+use lockstep_core::{Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -306,12 +304,7 @@ pub async fn dashboard(
     State(st): State<Arc<AppState>>,
     Query(q): Query<DashboardQuery>,
 ) -> Result<Json<DashboardReport>, ApiError> {
-    if let Some(e) = &q.env {
-        validate_name("environment", e)?;
-    }
-    if let Some(s) = &q.service {
-        validate_name("service", s)?;
-    }
+    crate::status::check_filters(q.env.as_deref(), q.service.as_deref())?;
     let page = q.page.unwrap_or(1);
     let per_page = q.per_page.unwrap_or(DEFAULT_PER_PAGE);
     if page == 0 {

@@ -119,6 +119,17 @@ pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> 
     })
 }
 
+/// Checks the optional `env` and `service` filters of a query (a 400 naming the bad one).
+pub fn check_filters(env: Option<&str>, service: Option<&str>) -> Result<(), ApiError> {
+    if let Some(e) = env {
+        validate_name("environment", e)?;
+    }
+    if let Some(s) = service {
+        validate_name("service", s)?;
+    }
+    Ok(())
+}
+
 /// Every environment, service, expected release and instance with its status.
 #[utoipa::path(get, path = "/v1/status", tag = "status", params(StatusQuery),
     responses(
@@ -133,12 +144,7 @@ pub async fn status(
     State(st): State<Arc<AppState>>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<StatusReport>, ApiError> {
-    if let Some(e) = &q.env {
-        validate_name("environment", e)?;
-    }
-    if let Some(s) = &q.service {
-        validate_name("service", s)?;
-    }
+    crate::status::check_filters(q.env.as_deref(), q.service.as_deref())?;
     Ok(Json(report(&st, &q)?))
 }
 

@@ -13,7 +13,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
 use lockstep_api::{ErrorBody, Event, LAST_EVENT_ID};
-use lockstep_core::validate_name;
 use serde::Deserialize;
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -202,12 +201,7 @@ pub async fn watch(
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    if let Some(e) = &q.env {
-        validate_name("environment", e)?;
-    }
-    if let Some(s) = &q.service {
-        validate_name("service", s)?;
-    }
+    crate::status::check_filters(q.env.as_deref(), q.service.as_deref())?;
     let since = match last_event_id(&headers)? {
         Some(id) => Some(id),
         None => q.since,
