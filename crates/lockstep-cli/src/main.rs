@@ -1,9 +1,11 @@
 //! `lockstep`: the registry server and the command-line tools around it. Thin by design:
 //! parsing, wiring and output formatting live here; behaviour lives in the library crates.
 
+mod cmd_agent;
 mod cmd_demo;
 mod cmd_fleet;
 mod cmd_guard;
+mod cmd_package;
 mod cmd_release;
 mod cmd_serve;
 mod cmd_token;
@@ -93,6 +95,11 @@ enum Command {
     Guard(cmd_guard::GuardArgs),
     /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
     Demo(cmd_demo::DemoArgs),
+    /// The update agent on a worker node: verified packages, atomic switch, self-rollback.
+    Agent(cmd_agent::AgentArgs),
+    /// Create, sign and verify update packages; generate signing keys.
+    #[command(subcommand)]
+    Package(cmd_package::PackageCommand),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --dir.
@@ -196,7 +203,7 @@ fn main() -> ExitCode {
     // The registry logs what it does; the tools print their own results, so only warnings
     // from the libraries are interesting there.
     let default_filter = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Agent(_) => "info",
         // The demo narrates; its in-process registry and workers stay quiet unless asked.
         Command::Demo(_) => "error",
         _ => "warn",
@@ -235,6 +242,8 @@ fn main() -> ExitCode {
             Command::Token(c) => cmd_token::run(c).await,
             Command::Guard(a) => cmd_guard::run(a).await,
             Command::Demo(a) => cmd_demo::run(a).await,
+            Command::Agent(a) => cmd_agent::run(a).await,
+            Command::Package(c) => cmd_package::run(c),
             Command::Completions(_) => Ok(exit::OK),
             Command::Man(a) => man(a),
         }
