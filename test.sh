@@ -31,6 +31,7 @@ drop_test_schemas() {
 drop_test_schemas
 trap drop_test_schemas EXIT
 
+.ci/alerts-deps.sh   # the SMTP server of the alert email test
 echo "== cargo test (PostgreSQL: $LOCKSTEP_TEST_PG, Redis: $LOCKSTEP_TEST_REDIS)"
 cargo test --workspace "$@"
 

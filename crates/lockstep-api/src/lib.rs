@@ -406,6 +406,316 @@ pub struct Health {
     pub registry: Option<RegistryInfo>,
 }
 
+/// One drift alert (`GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, and the `data` of the
+/// `alert_*` events). Field names follow the source system where it had them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Alert {
+    /// Id (an integer, as a string).
+    pub alert_id: String,
+    /// The instance.
+    pub instance_id: String,
+    /// Same as `instance_id` (the source system's name).
+    pub worker_id: String,
+    /// Environment.
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// What is wrong.
+    pub condition: lockstep_core::Condition,
+    /// How urgent; raised in place as the drift grows.
+    pub severity: lockstep_core::Severity,
+    /// `open` or `resolved`.
+    pub state: AlertState,
+    /// Drift when the alert last changed, in seconds.
+    pub drift_secs: u64,
+    /// The same, human (`12m`).
+    pub drift_duration: String,
+    /// The instance's version id (8 chars).
+    pub current_version: String,
+    /// The expected version id (8 chars), if any.
+    pub expected_version: Option<String>,
+    /// What a person reads.
+    pub message: String,
+    /// When it opened.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
+    pub timestamp: OffsetDateTime,
+    /// When it last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime, example = "2026-05-01T12:00:00Z")]
+    pub updated_at: OffsetDateTime,
+    /// When it resolved.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub resolved_at: Option<OffsetDateTime>,
+    /// Whether someone acknowledged it.
+    pub acknowledged: bool,
+    /// Who (token name).
+    #[serde(default)]
+    pub acknowledged_by: Option<String>,
+    /// When.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub acknowledged_at: Option<OffsetDateTime>,
+}
+
+/// State of an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    /// The condition holds.
+    Open,
+    /// The instance is current again, or gone.
+    Resolved,
+}
+
+impl AlertState {
+    /// Lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Open => "open",
+            AlertState::Resolved => "resolved",
+        }
+    }
+}
+
+/// `GET /v1/alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertList {
+    /// Newest first.
+    pub alerts: Vec<Alert>,
+}
+
+/// Optional body of `POST /v1/alerts/{id}/ack`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AckRequest {
+    /// Why (recorded in the event log).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What is shown instead of a stored secret.
+pub const MASK: &str = "********";
+
+/// Kind of an alert channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// Generic JSON webhook, signed with HMAC-SHA256.
+    Webhook,
+    /// Slack incoming webhook.
+    Slack,
+    /// Email over SMTP.
+    Email,
+}
+
+/// One alert channel, with the source system's field names. Which fields apply depends on
+/// `type`; secrets (`secret`, `password`, a Slack `webhook_url`) are shown as
+/// [`MASK`] by `GET`, and a `PUT` that sends the mask back keeps the stored value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChannelConfig {
+    /// Unique name (the delivery log and metrics use it).
+    pub name: String,
+    /// `webhook`, `slack` or `email`.
+    #[serde(rename = "type")]
+    pub kind: ChannelKind,
+    /// Least severity sent (default `low`; `null` reads as the default).
+    #[serde(
+        default = "default_min_severity",
+        deserialize_with = "min_severity_or_default"
+    )]
+    pub min_severity: lockstep_core::Severity,
+    /// Webhook: URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Webhook: method (default `POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Webhook: extra headers (`null` reads as none).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub headers: BTreeMap<String, String>,
+    /// Webhook: HMAC key of `X-Lockstep-Signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Slack: incoming-webhook URL (a credential: masked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Slack: channel override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Slack: user name; email: SMTP user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Email: SMTP password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Email: SMTP host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_host: Option<String>,
+    /// Email: SMTP port (default 587 with STARTTLS, 25 without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_port: Option<u16>,
+    /// Email: `starttls` (default) or `plain` (a local relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_security: Option<String>,
+    /// Email: sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_address: Option<String>,
+    /// Email: recipients.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub to_addresses: Vec<String>,
+}
+
+fn default_min_severity() -> lockstep_core::Severity {
+    lockstep_core::Severity::Low
+}
+
+fn min_severity_or_default<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<lockstep_core::Severity, D::Error> {
+    Ok(Option::<lockstep_core::Severity>::deserialize(d)?.unwrap_or_else(default_min_severity))
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl ChannelConfig {
+    /// A copy with every secret replaced by [`MASK`].
+    pub fn masked(&self) -> ChannelConfig {
+        let mask = |v: &Option<String>| v.as_ref().map(|_| MASK.to_string());
+        ChannelConfig {
+            secret: mask(&self.secret),
+            password: mask(&self.password),
+            webhook_url: mask(&self.webhook_url),
+            ..self.clone()
+        }
+    }
+
+    /// Replaces each secret that is [`MASK`] by the one `stored` holds (a PUT of what a GET
+    /// showed keeps the secrets).
+    pub fn unmask_from(&mut self, stored: &ChannelConfig) {
+        let keep = |v: &mut Option<String>, old: &Option<String>| {
+            if v.as_deref() == Some(MASK) {
+                *v = old.clone();
+            }
+        };
+        keep(&mut self.secret, &stored.secret);
+        keep(&mut self.password, &stored.password);
+        keep(&mut self.webhook_url, &stored.webhook_url);
+    }
+}
+
+/// `GET/PUT /v1/alert-channels`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertChannels {
+    /// Every channel; names are unique (a repeated name is a 409 `conflict`).
+    #[schema(value_type = Vec<ChannelSchema>)]
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// The OpenAPI shape of a channel, by `type` (documentation only: the wire type is the flat
+/// [`ChannelConfig`]).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ChannelSchema {
+    /// Generic JSON webhook.
+    Webhook(WebhookChannel),
+    /// Slack incoming webhook.
+    Slack(SlackChannel),
+    /// Email over SMTP.
+    Email(EmailChannel),
+}
+
+/// A webhook channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WebhookChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// Where to send.
+    #[schema(pattern = "^https?://[^\\s]+$")]
+    pub url: String,
+    /// `POST` (default) or `PUT`.
+    #[schema(pattern = "^([Pp][Oo][Ss][Tt]|[Pp][Uu][Tt])$")]
+    pub method: Option<String>,
+    /// Extra headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// HMAC key of `X-Lockstep-Signature` (masked by `GET`).
+    pub secret: Option<String>,
+}
+
+/// A Slack channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SlackChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// Incoming-webhook URL (masked by `GET`).
+    #[schema(pattern = "^(https?://[^\\s]+|\\*{8})$")]
+    pub webhook_url: String,
+    /// Channel override.
+    pub channel: Option<String>,
+    /// User name shown.
+    pub username: Option<String>,
+}
+
+/// An email channel (schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EmailChannel {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    pub name: String,
+    /// Least severity sent (default `low`).
+    pub min_severity: Option<lockstep_core::Severity>,
+    /// SMTP server.
+    #[schema(min_length = 1)]
+    pub smtp_host: String,
+    /// SMTP port (default 587 with STARTTLS, 25 without).
+    pub smtp_port: Option<u16>,
+    /// `starttls` (default) or `plain`.
+    #[schema(pattern = "^(starttls|plain)$")]
+    pub smtp_security: Option<String>,
+    /// SMTP user.
+    pub username: Option<String>,
+    /// SMTP password (masked by `GET`).
+    pub password: Option<String>,
+    /// Sender.
+    #[schema(min_length = 1)]
+    pub from_address: String,
+    /// Recipients.
+    #[schema(min_items = 1)]
+    pub to_addresses: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

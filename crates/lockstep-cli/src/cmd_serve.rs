@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::exit::{self, fail};
+use crate::serve_config::{self, Threshold};
 
 /// `lockstep serve`.
 #[derive(Args)]
@@ -75,6 +76,52 @@ pub struct ServeArgs {
     /// connections wait until one closes (and a warning is logged).
     #[arg(long, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 25_000)]
     max_connections: usize,
+    /// Configuration file (TOML): `[drift]` thresholds, `[alerts]` delivery, `[[channels]]`.
+    /// A flag or environment variable below beats the same key in the file.
+    #[arg(long, env = "LOCKSTEP_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Stale this long before a `low` alert (`[drift] low`; default 1m; `off` disables it).
+    #[arg(long, env = "LOCKSTEP_DRIFT_LOW", value_name = "DURATION")]
+    drift_low: Option<Threshold>,
+    /// Stale this long before `medium` (`[drift] medium`; default 10m; `off` disables it).
+    #[arg(long, env = "LOCKSTEP_DRIFT_MEDIUM", value_name = "DURATION")]
+    drift_medium: Option<Threshold>,
+    /// Stale this long before `high` (`[drift] high`; default 1h; `off` disables it).
+    #[arg(long, env = "LOCKSTEP_DRIFT_HIGH", value_name = "DURATION")]
+    drift_high: Option<Threshold>,
+    /// Stale this long before `critical` (`[drift] critical`; default 24h; `off` disables it).
+    #[arg(long, env = "LOCKSTEP_DRIFT_CRITICAL", value_name = "DURATION")]
+    drift_critical: Option<Threshold>,
+    /// Severity of a missing instance, or `thresholds` to count its drift like a stale one's
+    /// (`[drift] missing`; default critical).
+    #[arg(long, env = "LOCKSTEP_DRIFT_MISSING", value_name = "SEVERITY", value_parser = crate::serve_config::parse_missing)]
+    drift_missing: Option<lockstep_core::MissingSeverity>,
+    /// How often the leader checks drift when no release changed (`[drift] check_interval`;
+    /// default 1s).
+    #[arg(long, env = "LOCKSTEP_DRIFT_CHECK_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    drift_check_interval: Option<Duration>,
+    /// Each alert channel sends at most one message per this window; what accumulates meanwhile
+    /// goes out as one digest (`[alerts] rate_limit`; default 1m; 0 disables the limit).
+    #[arg(long, env = "LOCKSTEP_ALERT_RATE_LIMIT", value_name = "DURATION", value_parser = parse_duration)]
+    alert_rate_limit: Option<Duration>,
+    /// Attempts per alert delivery before it is recorded as failed (`[alerts] max_attempts`;
+    /// default 6).
+    #[arg(long, env = "LOCKSTEP_ALERT_MAX_ATTEMPTS", value_name = "N")]
+    alert_max_attempts: Option<u32>,
+    /// Wait after a failed delivery, doubled after each further failure up to 5m
+    /// (`[alerts] retry_base`; default 2s).
+    #[arg(long, env = "LOCKSTEP_ALERT_RETRY_BASE", value_name = "DURATION", value_parser = parse_duration)]
+    alert_retry_base: Option<Duration>,
+    /// Alert channels as JSON (`{"channels": [...]}`, as `PUT /v1/alert-channels` takes),
+    /// replacing `[[channels]]` of the file. Channels given either way replace the stored ones
+    /// at start.
+    #[arg(
+        long,
+        env = "LOCKSTEP_ALERT_CHANNELS",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    alert_channels: Option<String>,
     /// Also serve another system's API on top of the registry: `authrim` adds the source
     /// system's VersionManager routes (`POST /api/internal/version/{worker}`, …) so its deploy
     /// script and Worker middleware work unchanged. Off by default.
@@ -95,6 +142,40 @@ pub struct ServeArgs {
 pub enum CompatProfile {
     /// The source system's VersionManager API (`/api/internal/version/{worker}`, `/version/{worker}`).
     Authrim,
+}
+
+/// Reads `--config` and the alert flags; a bad file or value is a usage error (exit 2).
+fn alert_settings(
+    args: &ServeArgs,
+) -> anyhow::Result<(
+    lockstep_server::service::alerts::AlertSettings,
+    Option<Vec<lockstep_api::ChannelConfig>>,
+)> {
+    let file = match &args.config {
+        Some(p) => serve_config::read(p).map_err(|e| fail(exit::USAGE, e))?,
+        None => serve_config::FileConfig::default(),
+    };
+    let channels = match &args.alert_channels {
+        Some(json) => Some(
+            serde_json::from_str::<lockstep_api::AlertChannels>(json)
+                .map_err(|e| fail(exit::USAGE, format!("--alert-channels: {e}")))?
+                .channels,
+        ),
+        None => None,
+    };
+    let o = serve_config::Overrides {
+        low: args.drift_low,
+        medium: args.drift_medium,
+        high: args.drift_high,
+        critical: args.drift_critical,
+        missing: args.drift_missing,
+        check_interval: args.drift_check_interval,
+        rate_limit: args.alert_rate_limit,
+        max_attempts: args.alert_max_attempts,
+        retry_base: args.alert_retry_base,
+        channels,
+    };
+    serve_config::settings(file, o).map_err(|e| fail(exit::USAGE, e))
 }
 
 /// The store URL without its password, for logs.
@@ -171,6 +252,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     if args.instance_ttl < Duration::from_secs(1) {
         return Err(fail(exit::USAGE, "--instance-ttl must be at least 1s"));
     }
+    // Before the store: a bad configuration file is refused without touching anything.
+    let (alert_settings, alert_channels) = alert_settings(&args)?;
     // Held until `run` returns: the data directory is ours while we serve.
     let (store, _lock) = open_store(&args).await?;
     if args.leader_lease < Duration::from_secs(1) {
@@ -222,6 +305,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             env: args.compat_env.clone(),
         });
     }
+    if let Some(channels) = alert_channels {
+        registry
+            .service()
+            .seed_alert_channels(channels)
+            .await
+            .map_err(|e| fail(exit::USAGE, format!("alert channels: {e}")))?;
+    }
+    registry.service().alerts().configure(alert_settings);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| {

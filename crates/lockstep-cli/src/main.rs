@@ -2,6 +2,7 @@
 //! parsing, wiring and output formatting live here; behaviour lives in the library crates.
 
 mod cmd_agent;
+mod cmd_alerts;
 mod cmd_demo;
 mod cmd_fleet;
 mod cmd_guard;
@@ -10,6 +11,7 @@ mod cmd_release;
 mod cmd_serve;
 mod cmd_token;
 mod exit;
+mod serve_config;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -91,6 +93,9 @@ enum Command {
     /// Create, list and revoke API tokens.
     #[command(subcommand)]
     Token(cmd_token::TokenCommand),
+    /// List and acknowledge drift alerts.
+    #[command(subcommand)]
+    Alerts(cmd_alerts::AlertsCommand),
     /// Run any worker under startup guards and stop it when it becomes stale.
     Guard(cmd_guard::GuardArgs),
     /// A self-contained walk-through: registry, three workers, a deploy, a stale worker refused.
@@ -240,6 +245,7 @@ fn main() -> ExitCode {
             Command::Forget(a) => cmd_fleet::forget(a).await,
             Command::Detect(a) => cmd_release::detect(a),
             Command::Token(c) => cmd_token::run(c).await,
+            Command::Alerts(c) => cmd_alerts::run(c).await,
             Command::Guard(a) => cmd_guard::run(a).await,
             Command::Demo(a) => cmd_demo::run(a).await,
             Command::Agent(a) => cmd_agent::run(a).await,

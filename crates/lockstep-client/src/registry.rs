@@ -520,6 +520,61 @@ impl RegistryClient {
         self.call_empty(Method::DELETE, &format!("v1/tokens/{name}"))
             .await
     }
+
+    /// Drift alerts, newest first: `state` is `open`, `resolved` or `all`.
+    pub async fn alerts(
+        &self,
+        state: &str,
+        env: Option<&str>,
+        service: Option<&str>,
+        limit: u32,
+    ) -> Result<lockstep_api::AlertList, ClientError> {
+        let mut q = vec![("state", state.to_string()), ("limit", limit.to_string())];
+        if let Some(e) = env {
+            q.push(("env", e.to_string()));
+        }
+        if let Some(s) = service {
+            q.push(("service", s.to_string()));
+        }
+        self.call::<(), _>(Method::GET, "v1/alerts", &q, None).await
+    }
+
+    /// Acknowledges an alert.
+    pub async fn ack_alert(
+        &self,
+        id: &str,
+        reason: Option<&str>,
+    ) -> Result<lockstep_api::Alert, ClientError> {
+        let body = lockstep_api::AckRequest {
+            reason: reason.map(str::to_string),
+        };
+        let id: String = id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        self.call(
+            Method::POST,
+            &format!("v1/alerts/{id}/ack"),
+            &[],
+            Some(&body),
+        )
+        .await
+    }
+
+    /// The alert channels (secrets masked).
+    pub async fn alert_channels(&self) -> Result<lockstep_api::AlertChannels, ClientError> {
+        self.call::<(), _>(Method::GET, "v1/alert-channels", &[], None)
+            .await
+    }
+
+    /// Replaces the alert channels.
+    pub async fn put_alert_channels(
+        &self,
+        channels: &lockstep_api::AlertChannels,
+    ) -> Result<lockstep_api::AlertChannels, ClientError> {
+        self.call(Method::PUT, "v1/alert-channels", &[], Some(channels))
+            .await
+    }
 }
 
 fn release_path(env: &str, service: &str) -> String {

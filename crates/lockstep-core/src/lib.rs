@@ -6,6 +6,7 @@
 //! "current", "stale" and "downgrade".
 
 pub mod detect;
+pub mod drift;
 pub mod duration;
 pub mod error;
 pub mod instance;
@@ -14,6 +15,10 @@ pub mod release;
 pub mod role;
 pub mod semver;
 
+pub use drift::{
+    AlertAction, Condition, MissingSeverity, Observation, OpenAlert, Severity, Thresholds,
+    plan_alerts,
+};
 pub use duration::{format_secs, parse_duration};
 pub use error::CoreError;
 pub use instance::{Instance, Status, StatusCounts, drift_secs, instance_status};

@@ -225,6 +225,7 @@ macro_rules! requirement {
 }
 requirement!(Worker, Role::Worker);
 requirement!(Viewer, Role::Viewer);
+requirement!(Operator, Role::Operator);
 requirement!(Deployer, Role::Deployer);
 requirement!(Admin, Role::Admin);
 

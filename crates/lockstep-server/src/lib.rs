@@ -7,6 +7,7 @@
 //! resolves, then drains streams and flushes heartbeats.
 
 mod admin;
+mod alerts;
 mod auth;
 pub mod compat;
 mod error;
@@ -146,7 +147,14 @@ impl Registry {
                     }),
                 )
             });
-        let mut root = Router::new().merge(v1);
+        let mut root = Router::new()
+            .merge(v1)
+            .route("/v1/alerts", get(alerts::list))
+            .route("/v1/alerts/{id}/ack", post(alerts::ack))
+            .route(
+                "/v1/alert-channels",
+                get(alerts::get_channels).put(alerts::put_channels),
+            );
         if let Some(compat) = &self.compat {
             root = root.merge(compat::router(compat, self.state.clone()));
         }

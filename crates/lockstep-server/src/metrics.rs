@@ -313,5 +313,6 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     svc.convergence
         .render(&mut out, "lockstep_convergence_seconds", "");
     st.http.render(&mut out);
+    svc.alerts().write_metrics(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

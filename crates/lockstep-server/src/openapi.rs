@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, instances, releases, status, stream};
+use crate::{admin, alerts, instances, releases, status, stream};
 
 /// The generated document.
 #[derive(OpenApi)]
@@ -18,6 +18,7 @@ use crate::{admin, instances, releases, status, stream};
         status::status, status::services,
         admin::events, admin::create_token, admin::list_tokens, admin::revoke_token,
         admin::healthz, admin::readyz, crate::metrics::metrics,
+        alerts::list, alerts::ack, alerts::get_channels, alerts::put_channels,
     ),
     components(schemas(
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
@@ -30,6 +31,9 @@ use crate::{admin, instances, releases, status, stream};
         lockstep_core::Release, lockstep_core::StoredRelease, lockstep_core::Instance,
         lockstep_core::Status, lockstep_core::StatusCounts, lockstep_core::Role,
         lockstep_core::RegistrationKind,
+        lockstep_api::Alert, lockstep_api::AlertList, lockstep_api::AlertState,
+        lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelSchema,
+        lockstep_api::WebhookChannel, lockstep_api::SlackChannel, lockstep_api::EmailChannel, lockstep_core::Severity, lockstep_core::Condition,
     )),
     modifiers(&BearerAuth, &ForGenerators),
 )]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
+use crate::{AlertFilter, AlertWrite, DeliveryOutcome, DeliveryStatus, NewNotification};
 use crate::{InstanceChange, NewEvent, Registration, Rollback, Store, StoreError, StoredToken};
 
 fn reg(service: &str, id: &str, built: Option<OffsetDateTime>, force: bool) -> Registration {
@@ -69,6 +70,9 @@ pub async fn run(store: &dyn Store) {
     instances_round_trip(store).await;
     leases_elect_one_holder_and_expire(store).await;
     missing_instances_are_reported_once_by_the_leader_only(store).await;
+    alerts_open_escalate_ack_and_resolve_once_with_their_events(store).await;
+    alert_channels_round_trip_and_are_logged_without_secrets(store).await;
+    notifications_are_queued_once_and_delivered_once(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -609,7 +613,8 @@ pub async fn run_concurrent(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     a_reader_sees_revisions_without_gaps_while_writers_race(a.clone(), b.clone()).await;
     the_feed_wakes_the_other_handle_and_catch_up_sees_every_revision_once(a.clone(), b.clone())
         .await;
-    only_one_handle_holds_the_leader_lease(a, b).await;
+    only_one_handle_holds_the_leader_lease(a.clone(), b.clone()).await;
+    racing_replicas_open_one_alert_per_condition(a, b).await;
 }
 
 async fn racing_registrations_each_apply_once_on_a_distinct_previous(
@@ -773,4 +778,422 @@ async fn only_one_handle_holds_the_leader_lease(a: Arc<dyn Store>, b: Arc<dyn St
     let (x, y) = (x.expect("a"), y.expect("b"));
     assert!(x.held ^ y.held, "exactly one holder: {x:?} {y:?}");
     assert_eq!(x.holder, y.holder);
+}
+
+/// An alert as the detector would raise it.
+pub fn sample_alert(
+    instance_id: &str,
+    condition: lockstep_core::Condition,
+    severity: lockstep_core::Severity,
+) -> lockstep_api::Alert {
+    let now = OffsetDateTime::now_utc();
+    lockstep_api::Alert {
+        alert_id: String::new(),
+        instance_id: instance_id.into(),
+        worker_id: instance_id.into(),
+        env: "production".into(),
+        service: "svc".into(),
+        condition,
+        severity,
+        state: lockstep_api::AlertState::Open,
+        drift_secs: 60,
+        drift_duration: "1m".into(),
+        current_version: "aaaaaaaa".into(),
+        expected_version: Some("bbbbbbbb".into()),
+        message: format!("{instance_id} is {}", condition.as_str()),
+        timestamp: now,
+        updated_at: now,
+        resolved_at: None,
+        acknowledged: false,
+        acknowledged_by: None,
+        acknowledged_at: None,
+    }
+}
+
+async fn take_lease(store: &dyn Store, holder: &str) {
+    assert!(
+        store
+            .acquire_lease(
+                crate::LEADER_LEASE,
+                holder,
+                std::time::Duration::from_secs(30)
+            )
+            .await
+            .expect("lease")
+            .held,
+        "{holder} takes the lease"
+    );
+}
+
+async fn alerts_open_escalate_ack_and_resolve_once_with_their_events(store: &dyn Store) {
+    use lockstep_core::{Condition, Severity};
+    let raise = |s| AlertWrite::Raise(Box::new(sample_alert("al-1", Condition::Stale, s)));
+    assert!(matches!(
+        store
+            .apply_alerts("nobody", vec![raise(Severity::Low)])
+            .await,
+        Err(StoreError::NotLeader)
+    ));
+    take_lease(store, "alert-leader").await;
+    let opened = store
+        .apply_alerts("alert-leader", vec![raise(Severity::Low)])
+        .await
+        .expect("open");
+    assert_eq!(opened.len(), 1);
+    let (alert, ev) = &opened[0];
+    assert_eq!(ev.kind, "alert_opened");
+    assert_eq!(ev.data["alert_id"], alert.alert_id.as_str());
+    assert_eq!(ev.data["severity"], "low");
+    let id: i64 = alert.alert_id.parse().expect("integer id");
+    // The same condition again: no duplicate; a lower or equal severity changes nothing.
+    let again = store
+        .apply_alerts("alert-leader", vec![raise(Severity::Low)])
+        .await
+        .expect("again");
+    assert!(again.is_empty(), "no duplicate: {again:?}");
+    let esc = store
+        .apply_alerts("alert-leader", vec![raise(Severity::High)])
+        .await
+        .expect("escalate");
+    assert_eq!(esc.len(), 1);
+    assert_eq!(esc[0].1.kind, "alert_escalated");
+    assert_eq!(esc[0].0.alert_id, alert.alert_id, "escalated in place");
+    assert_eq!(esc[0].0.severity, Severity::High);
+    let lower = store
+        .apply_alerts("alert-leader", vec![raise(Severity::Medium)])
+        .await
+        .expect("lower");
+    assert!(lower.is_empty(), "never de-escalates");
+    // Acknowledge: once, with actor and reason.
+    let (acked, ev) = store
+        .ack_alert(id, "oncall", Some("looking".into()))
+        .await
+        .expect("ack")
+        .expect("exists");
+    assert!(acked.acknowledged);
+    assert_eq!(acked.acknowledged_by.as_deref(), Some("oncall"));
+    let ev = ev.expect("event");
+    assert_eq!(ev.kind, "alert_acknowledged");
+    assert_eq!(ev.actor.as_deref(), Some("oncall"));
+    let (_, none) = store
+        .ack_alert(id, "oncall", None)
+        .await
+        .expect("ack again")
+        .expect("exists");
+    assert!(none.is_none(), "a second ack logs nothing");
+    assert!(
+        store
+            .ack_alert(999_999, "x", None)
+            .await
+            .expect("ack")
+            .is_none()
+    );
+    // Open list and filters.
+    let open = store
+        .alerts(AlertFilter {
+            state: Some(lockstep_api::AlertState::Open),
+            limit: 100,
+            ..AlertFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].severity, Severity::High);
+    assert!(open[0].acknowledged);
+    let other = store
+        .alerts(AlertFilter {
+            env: Some("staging".into()),
+            limit: 100,
+            ..AlertFilter::default()
+        })
+        .await
+        .expect("list");
+    assert!(other.is_empty());
+    // Resolve; a second resolve is a no-op; a new occurrence is a new alert.
+    let resolve = || AlertWrite::Resolve {
+        instance_id: "al-1".into(),
+        condition: Condition::Stale,
+        at: OffsetDateTime::now_utc(),
+    };
+    let res = store
+        .apply_alerts("alert-leader", vec![resolve()])
+        .await
+        .expect("resolve");
+    assert_eq!(res.len(), 1);
+    assert_eq!(res[0].1.kind, "alert_resolved");
+    assert_eq!(res[0].0.state, lockstep_api::AlertState::Resolved);
+    assert!(res[0].0.resolved_at.is_some());
+    assert!(
+        store
+            .apply_alerts("alert-leader", vec![resolve()])
+            .await
+            .expect("resolve again")
+            .is_empty()
+    );
+    let reopened = store
+        .apply_alerts("alert-leader", vec![raise(Severity::Low)])
+        .await
+        .expect("reopen");
+    assert_eq!(reopened.len(), 1);
+    assert_ne!(reopened[0].0.alert_id, alert.alert_id);
+    let history: Vec<String> = store
+        .alert_history(id)
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        history,
+        [
+            "alert_opened",
+            "alert_escalated",
+            "alert_acknowledged",
+            "alert_resolved"
+        ]
+    );
+    let all = store
+        .alerts(AlertFilter {
+            limit: 100,
+            ..AlertFilter::default()
+        })
+        .await
+        .expect("all");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].alert_id, reopened[0].0.alert_id, "newest first");
+    store
+        .apply_alerts(
+            "alert-leader",
+            vec![AlertWrite::Resolve {
+                instance_id: "al-1".into(),
+                condition: Condition::Stale,
+                at: OffsetDateTime::now_utc(),
+            }],
+        )
+        .await
+        .expect("cleanup");
+    store
+        .release_lease(crate::LEADER_LEASE, "alert-leader")
+        .await
+        .expect("release");
+}
+
+async fn alert_channels_round_trip_and_are_logged_without_secrets(store: &dyn Store) {
+    let hook: lockstep_api::ChannelConfig = serde_json::from_value(serde_json::json!({
+        "name": "ops-hook", "type": "webhook", "url": "http://127.0.0.1:9/hook",
+        "secret": "s3cret", "headers": {"X-Source": "lockstep"}, "min_severity": "medium"
+    }))
+    .expect("channel");
+    let mail: lockstep_api::ChannelConfig = serde_json::from_value(serde_json::json!({
+        "name": "ops-mail", "type": "email", "smtp_host": "127.0.0.1", "smtp_port": 2525,
+        "password": "pw", "from_address": "a@example.com", "to_addresses": ["b@example.com"]
+    }))
+    .expect("channel");
+    let ev = store
+        .put_alert_channels(vec![hook.clone(), mail.clone()], "admin")
+        .await
+        .expect("put");
+    assert_eq!(ev.kind, "alert_channels_changed");
+    let logged = ev.data.to_string();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("pw\""),
+        "{logged}"
+    );
+    assert_eq!(
+        store.alert_channels().await.expect("get"),
+        vec![hook.clone(), mail]
+    );
+    store
+        .put_alert_channels(vec![hook.clone()], "admin")
+        .await
+        .expect("replace");
+    assert_eq!(store.alert_channels().await.expect("get"), vec![hook]);
+    store
+        .put_alert_channels(Vec::new(), "admin")
+        .await
+        .expect("clear");
+}
+
+async fn notifications_are_queued_once_and_delivered_once(store: &dyn Store) {
+    use lockstep_core::{Condition, Severity};
+    let alert = sample_alert("nt-1", Condition::Stale, Severity::Low);
+    let item = |ev: i64| NewNotification {
+        channel: "ops-hook".into(),
+        event_id: ev,
+        kind: "alert_opened".into(),
+        alert: alert.clone(),
+    };
+    let from = store.notify_cursor().await.expect("cursor");
+    assert!(matches!(
+        store
+            .enqueue_notifications("nobody", from, from + 2, vec![item(from + 1)])
+            .await,
+        Err(StoreError::NotLeader)
+    ));
+    take_lease(store, "notify-leader").await;
+    assert!(
+        store
+            .enqueue_notifications(
+                "notify-leader",
+                from,
+                from + 2,
+                vec![item(from + 1), item(from + 2)]
+            )
+            .await
+            .expect("enqueue")
+    );
+    // A second planner that read the old cursor writes nothing.
+    assert!(
+        !store
+            .enqueue_notifications("notify-leader", from, from + 2, vec![item(from + 1)])
+            .await
+            .expect("stale cursor")
+    );
+    assert_eq!(store.notify_cursor().await.expect("cursor"), from + 2);
+    let pending = store.pending_notifications().await.expect("pending");
+    assert_eq!(pending.len(), 2);
+    let ids: Vec<i64> = pending.iter().map(|n| n.id).collect();
+    let d = store
+        .create_delivery("notify-leader", "ops-hook", "digest", "[]", &ids)
+        .await
+        .expect("create")
+        .expect("created");
+    assert_eq!(
+        (d.alerts, d.status, d.attempts),
+        (2, DeliveryStatus::Pending, 0)
+    );
+    assert!(
+        store
+            .create_delivery("notify-leader", "ops-hook", "digest", "[]", &ids)
+            .await
+            .expect("create again")
+            .is_none(),
+        "a notification belongs to one delivery"
+    );
+    assert!(
+        store
+            .pending_notifications()
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    let now = OffsetDateTime::now_utc() + Duration::seconds(1);
+    assert_eq!(store.due_deliveries(now).await.expect("due").len(), 1);
+    assert!(
+        store
+            .record_delivery(
+                "notify-leader",
+                d.id,
+                DeliveryOutcome::Retry {
+                    error: "connection refused".into(),
+                    at: now + Duration::seconds(60),
+                },
+            )
+            .await
+            .expect("retry")
+    );
+    assert!(
+        store.due_deliveries(now).await.expect("due").is_empty(),
+        "not due yet"
+    );
+    assert!(
+        store
+            .record_delivery("notify-leader", d.id, DeliveryOutcome::Sent)
+            .await
+            .expect("sent")
+    );
+    assert!(
+        !store
+            .record_delivery("notify-leader", d.id, DeliveryOutcome::Sent)
+            .await
+            .expect("sent twice"),
+        "settled once"
+    );
+    let log = store.deliveries(10).await.expect("log");
+    assert_eq!(log[0].id, d.id);
+    assert_eq!(log[0].status, DeliveryStatus::Sent);
+    assert_eq!(log[0].attempts, 2);
+    assert_eq!(log[0].last_error.as_deref(), Some("connection refused"));
+    let last = store.last_deliveries().await.expect("last");
+    assert!(last.iter().any(|(c, _)| c == "ops-hook"));
+    store
+        .release_lease(crate::LEADER_LEASE, "notify-leader")
+        .await
+        .expect("release");
+}
+
+async fn racing_replicas_open_one_alert_per_condition(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    use lockstep_core::{Condition, Severity};
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(
+        a.acquire_lease(crate::LEADER_LEASE, "race", ttl)
+            .await
+            .expect("lease")
+            .held
+    );
+    // Two handles acting for one holder (a leader paused past its lease and its
+    // successor look like this to the store): they race to open and escalate.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let sev = if i < 10 {
+            Severity::Low
+        } else {
+            Severity::Critical
+        };
+        tasks.push(tokio::spawn(async move {
+            s.apply_alerts(
+                "race",
+                vec![AlertWrite::Raise(Box::new(sample_alert(
+                    "race-1",
+                    Condition::Missing,
+                    sev,
+                )))],
+            )
+            .await
+            .expect("raise")
+        }));
+    }
+    let mut kinds = Vec::new();
+    for t in tasks {
+        kinds.extend(t.await.expect("join").into_iter().map(|(_, e)| e.kind));
+    }
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "alert_opened").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().filter(|k| *k == "alert_escalated").count() <= 1,
+        "{kinds:?}"
+    );
+    let open: Vec<_> = a
+        .alerts(AlertFilter {
+            state: Some(lockstep_api::AlertState::Open),
+            limit: 100,
+            ..AlertFilter::default()
+        })
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|x| x.instance_id == "race-1")
+        .collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].severity, Severity::Critical);
+    // The other handle, under another name, is fenced out.
+    assert!(matches!(
+        b.apply_alerts(
+            "not-the-leader",
+            vec![AlertWrite::Raise(Box::new(sample_alert(
+                "race-2",
+                Condition::Stale,
+                Severity::Low
+            )))]
+        )
+        .await,
+        Err(StoreError::NotLeader)
+    ));
+    a.release_lease(crate::LEADER_LEASE, "race")
+        .await
+        .expect("release");
 }

@@ -8,6 +8,7 @@
 //! across the whole registry; the registration rules of `lockstep_core` are evaluated inside
 //! the same transaction that writes the new revision.
 
+pub mod alerts;
 pub mod conformance;
 mod error;
 pub mod lock;
@@ -15,13 +16,17 @@ mod migrations;
 pub mod postgres;
 pub mod sqlite;
 
+pub use alerts::{
+    AlertFilter, AlertWrite, Delivery, DeliveryOutcome, DeliveryStatus, NewNotification,
+    Notification,
+};
 pub use error::StoreError;
 pub use lock::{DataDirLock, LockError};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
-use lockstep_api::Event;
+use lockstep_api::{Alert, ChannelConfig, Event};
 use lockstep_core::{Instance, Release, Role, StoredRelease, short_id};
 use time::OffsetDateTime;
 
@@ -245,6 +250,73 @@ pub trait Store: Send + Sync + 'static {
     /// Gives a lease up (clean shutdown) so another replica can take it at once.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 
+    /// Applies the drift detector's alert writes in one transaction — only while `holder`
+    /// holds the [`LEADER_LEASE`] (else `NotLeader`) — and logs one event per changed
+    /// alert in it (`alert_opened`, `alert_escalated`, `alert_resolved`, data = the alert).
+    /// At most one alert per (instance, condition) is open, whatever races.
+    async fn apply_alerts(
+        &self,
+        holder: &str,
+        writes: Vec<AlertWrite>,
+    ) -> Result<Vec<(Alert, Event)>, StoreError>;
+    /// Alerts, newest first.
+    async fn alerts(&self, filter: AlertFilter) -> Result<Vec<Alert>, StoreError>;
+    /// Acknowledges an alert and logs `alert_acknowledged` (actor, reason); `None` when
+    /// there is no such alert; no event when it was acknowledged already.
+    async fn ack_alert(
+        &self,
+        id: i64,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<Option<(Alert, Option<Event>)>, StoreError>;
+    /// The events of one alert, oldest first.
+    async fn alert_history(&self, id: i64) -> Result<Vec<Event>, StoreError>;
+    /// The alert channels, secrets included (callers mask them).
+    async fn alert_channels(&self) -> Result<Vec<ChannelConfig>, StoreError>;
+    /// Replaces the alert channels and logs `alert_channels_changed` (names only).
+    async fn put_alert_channels(
+        &self,
+        channels: Vec<ChannelConfig>,
+        actor: &str,
+    ) -> Result<Event, StoreError>;
+    /// The event id up to which alert events have been turned into notifications.
+    async fn notify_cursor(&self) -> Result<i64, StoreError>;
+    /// Queues notifications and moves the cursor from `from` to `to` in one transaction,
+    /// leader only; `false` (nothing written) when the cursor is not at `from`.
+    async fn enqueue_notifications(
+        &self,
+        holder: &str,
+        from: i64,
+        to: i64,
+        items: Vec<NewNotification>,
+    ) -> Result<bool, StoreError>;
+    /// Notifications not yet assigned to a delivery, oldest first.
+    async fn pending_notifications(&self) -> Result<Vec<Notification>, StoreError>;
+    /// Creates a pending delivery carrying notifications `ids` (all of `channel`), leader
+    /// only; `None` when one of them already belongs to a delivery.
+    async fn create_delivery(
+        &self,
+        holder: &str,
+        channel: &str,
+        kind: &str,
+        body: &str,
+        ids: &[i64],
+    ) -> Result<Option<Delivery>, StoreError>;
+    /// Pending deliveries whose next attempt is due at `now`.
+    async fn due_deliveries(&self, now: OffsetDateTime) -> Result<Vec<Delivery>, StoreError>;
+    /// Records one attempt of a pending delivery, leader only; `false` when it was not
+    /// pending.
+    async fn record_delivery(
+        &self,
+        holder: &str,
+        id: i64,
+        outcome: DeliveryOutcome,
+    ) -> Result<bool, StoreError>;
+    /// The delivery log, newest first.
+    async fn deliveries(&self, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    /// When each channel's last delivery was created (its rate-limit window).
+    async fn last_deliveries(&self) -> Result<Vec<(String, OffsetDateTime)>, StoreError>;
+
     /// Cheap round-trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -316,6 +388,18 @@ pub(crate) fn missing_event(i: &Instance) -> NewEvent {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
         }),
+    }
+}
+
+/// The event logged when the alert channels change: names and types, never secrets.
+pub(crate) fn channels_event(channels: &[ChannelConfig], actor: &str) -> NewEvent {
+    NewEvent {
+        kind: "alert_channels_changed".into(),
+        actor: Some(actor.into()),
+        data: serde_json::json!({
+            "channels": channels.iter().map(|c| serde_json::json!({"name": c.name, "type": c.kind})).collect::<Vec<_>>(),
+        }),
+        ..NewEvent::default()
     }
 }
 

@@ -1266,10 +1266,172 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn apply_alerts(
+        &self,
+        holder: &str,
+        writes: Vec<crate::AlertWrite>,
+    ) -> Result<Vec<(lockstep_api::Alert, Event)>, StoreError> {
+        let mut tx = self.log_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        let changed = ops::apply_alerts(&mut tx, writes).await?;
+        if changed.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for (alert, ev) in changed {
+            let ev = insert_event(&mut tx, ev).await?;
+            ops::record_history(&mut tx, &alert, ev.id, &ev.kind).await?;
+            out.push((alert, ev));
+        }
+        self.commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn alerts(
+        &self,
+        filter: crate::AlertFilter,
+    ) -> Result<Vec<lockstep_api::Alert>, StoreError> {
+        ops::list_alerts(&self.pool, &filter).await
+    }
+
+    async fn ack_alert(
+        &self,
+        id: i64,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<Option<(lockstep_api::Alert, Option<Event>)>, StoreError> {
+        let mut tx = self.log_tx().await?;
+        match ops::ack_alert(&mut tx, id, actor, reason).await? {
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+            Some((a, None)) => {
+                tx.rollback().await?;
+                Ok(Some((a, None)))
+            }
+            Some((a, Some(ev))) => {
+                let ev = insert_event(&mut tx, ev).await?;
+                ops::record_history(&mut tx, &a, ev.id, &ev.kind).await?;
+                self.commit(tx).await?;
+                Ok(Some((a, Some(ev))))
+            }
+        }
+    }
+
+    async fn alert_history(&self, id: i64) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.at, e.kind, e.env, e.service, e.actor, e.reason, e.data \
+             FROM events e JOIN alert_history h ON h.event_id = e.id \
+             WHERE h.alert_id = $1 ORDER BY e.id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn alert_channels(&self) -> Result<Vec<lockstep_api::ChannelConfig>, StoreError> {
+        ops::channels(&self.pool).await
+    }
+
+    async fn put_alert_channels(
+        &self,
+        channels: Vec<lockstep_api::ChannelConfig>,
+        actor: &str,
+    ) -> Result<Event, StoreError> {
+        let mut tx = self.log_tx().await?;
+        ops::put_channels(&mut tx, &channels).await?;
+        let ev = insert_event(&mut tx, crate::channels_event(&channels, actor)).await?;
+        self.commit(tx).await?;
+        Ok(ev)
+    }
+
+    async fn notify_cursor(&self) -> Result<i64, StoreError> {
+        ops::cursor(&self.pool).await
+    }
+
+    async fn enqueue_notifications(
+        &self,
+        holder: &str,
+        from: i64,
+        to: i64,
+        items: Vec<crate::NewNotification>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        check_lease(&mut tx, holder).await?;
+        if !ops::enqueue(&mut tx, from, to, &items).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn pending_notifications(&self) -> Result<Vec<crate::Notification>, StoreError> {
+        ops::pending_notifications(&self.pool).await
+    }
+
+    async fn create_delivery(
+        &self,
+        holder: &str,
+        channel: &str,
+        kind: &str,
+        body: &str,
+        ids: &[i64],
+    ) -> Result<Option<crate::Delivery>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        check_lease(&mut tx, holder).await?;
+        match ops::create_delivery(&mut tx, channel, kind, body, ids).await? {
+            Some(d) => {
+                tx.commit().await?;
+                Ok(Some(d))
+            }
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<crate::Delivery>, StoreError> {
+        ops::due_deliveries(&self.pool, now).await
+    }
+
+    async fn record_delivery(
+        &self,
+        holder: &str,
+        id: i64,
+        outcome: crate::DeliveryOutcome,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        check_lease(&mut tx, holder).await?;
+        let done = ops::record_delivery(&mut tx, id, &outcome).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn deliveries(&self, limit: u32) -> Result<Vec<crate::Delivery>, StoreError> {
+        ops::deliveries(&self.pool, limit).await
+    }
+
+    async fn last_deliveries(&self) -> Result<Vec<(String, OffsetDateTime)>, StoreError> {
+        ops::last_deliveries(&self.pool).await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Alert, channel and delivery SQL, shared with the SQLite backend.
+mod ops {
+    crate::alerts::alert_ops!(sqlx::Postgres);
 }
 
 #[cfg(test)]

@@ -843,6 +843,163 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn apply_alerts(
+        &self,
+        holder: &str,
+        writes: Vec<crate::AlertWrite>,
+    ) -> Result<Vec<(lockstep_api::Alert, Event)>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        let changed = ops::apply_alerts(&mut tx, writes).await?;
+        if changed.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for (alert, ev) in changed {
+            let ev = insert_event(&mut tx, ev).await?;
+            ops::record_history(&mut tx, &alert, ev.id, &ev.kind).await?;
+            out.push((alert, ev));
+        }
+        self.commit(tx).await?;
+        Ok(out)
+    }
+
+    async fn alerts(
+        &self,
+        filter: crate::AlertFilter,
+    ) -> Result<Vec<lockstep_api::Alert>, StoreError> {
+        ops::list_alerts(&self.reader, &filter).await
+    }
+
+    async fn ack_alert(
+        &self,
+        id: i64,
+        actor: &str,
+        reason: Option<String>,
+    ) -> Result<Option<(lockstep_api::Alert, Option<Event>)>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        match ops::ack_alert(&mut tx, id, actor, reason).await? {
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+            Some((a, None)) => {
+                tx.rollback().await?;
+                Ok(Some((a, None)))
+            }
+            Some((a, Some(ev))) => {
+                let ev = insert_event(&mut tx, ev).await?;
+                ops::record_history(&mut tx, &a, ev.id, &ev.kind).await?;
+                self.commit(tx).await?;
+                Ok(Some((a, Some(ev))))
+            }
+        }
+    }
+
+    async fn alert_history(&self, id: i64) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.at, e.kind, e.env, e.service, e.actor, e.reason, e.data \
+             FROM events e JOIN alert_history h ON h.event_id = e.id \
+             WHERE h.alert_id = ? ORDER BY e.id",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn alert_channels(&self) -> Result<Vec<lockstep_api::ChannelConfig>, StoreError> {
+        ops::channels(&self.reader).await
+    }
+
+    async fn put_alert_channels(
+        &self,
+        channels: Vec<lockstep_api::ChannelConfig>,
+        actor: &str,
+    ) -> Result<Event, StoreError> {
+        let mut tx = self.write_tx().await?;
+        ops::put_channels(&mut tx, &channels).await?;
+        let ev = insert_event(&mut tx, crate::channels_event(&channels, actor)).await?;
+        self.commit(tx).await?;
+        Ok(ev)
+    }
+
+    async fn notify_cursor(&self) -> Result<i64, StoreError> {
+        ops::cursor(&self.reader).await
+    }
+
+    async fn enqueue_notifications(
+        &self,
+        holder: &str,
+        from: i64,
+        to: i64,
+        items: Vec<crate::NewNotification>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        if !ops::enqueue(&mut tx, from, to, &items).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn pending_notifications(&self) -> Result<Vec<crate::Notification>, StoreError> {
+        ops::pending_notifications(&self.reader).await
+    }
+
+    async fn create_delivery(
+        &self,
+        holder: &str,
+        channel: &str,
+        kind: &str,
+        body: &str,
+        ids: &[i64],
+    ) -> Result<Option<crate::Delivery>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        match ops::create_delivery(&mut tx, channel, kind, body, ids).await? {
+            Some(d) => {
+                tx.commit().await?;
+                Ok(Some(d))
+            }
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<crate::Delivery>, StoreError> {
+        ops::due_deliveries(&self.reader, now).await
+    }
+
+    async fn record_delivery(
+        &self,
+        holder: &str,
+        id: i64,
+        outcome: crate::DeliveryOutcome,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        let done = ops::record_delivery(&mut tx, id, &outcome).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn deliveries(&self, limit: u32) -> Result<Vec<crate::Delivery>, StoreError> {
+        ops::deliveries(&self.reader, limit).await
+    }
+
+    async fn last_deliveries(&self) -> Result<Vec<(String, OffsetDateTime)>, StoreError> {
+        ops::last_deliveries(&self.reader).await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
@@ -876,4 +1033,9 @@ async fn check_lease(tx: &mut Transaction<'_, Sqlite>, holder: &str) -> Result<(
 fn from_millis(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Alert, channel and delivery SQL, shared with the PostgreSQL backend.
+mod ops {
+    crate::alerts::alert_ops!(sqlx::Sqlite);
 }

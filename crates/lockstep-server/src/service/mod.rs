@@ -7,7 +7,9 @@
 //! — so the caller's next read on this replica sees it, and every other replica sees it
 //! through its own projector, never through this handler.
 
+pub mod alerts;
 pub mod config;
+pub mod drift;
 pub mod fleet;
 pub mod leader;
 pub mod metrics;
@@ -101,6 +103,7 @@ pub struct RegistryService {
     config: Config,
     leadership: Arc<Leadership>,
     mirror: Option<lockstep_mirror::Mirror>,
+    alerts: Arc<alerts::Alerts>,
     /// Heartbeats accepted by this replica.
     pub heartbeats: AtomicU64,
     /// Release registered → every live instance current, in seconds.
@@ -179,6 +182,7 @@ impl RegistryService {
                 config,
                 leadership,
                 mirror,
+                alerts: Arc::new(alerts::Alerts::new()),
                 heartbeats: AtomicU64::new(0),
                 convergence: metrics::Histogram::new(metrics::CONVERGENCE_BOUNDS),
             }),
@@ -204,6 +208,11 @@ impl RegistryService {
     /// Who leads background work.
     pub fn leadership(&self) -> &Arc<Leadership> {
         &self.leadership
+    }
+
+    /// Drift alerts: settings, open counts, last check, metrics.
+    pub fn alerts(&self) -> &Arc<alerts::Alerts> {
+        &self.alerts
     }
 
     /// The Redis mirror, when configured.
@@ -483,8 +492,11 @@ impl RegistryService {
                 }
             }
         });
+        let alert_tasks = alerts::spawn(self, shutdown.clone());
         let leader = tokio::spawn(leader::run(self.clone(), shutdown));
-        vec![proj, flusher, converge, leader]
+        let mut tasks = vec![proj, flusher, converge, leader];
+        tasks.extend(alert_tasks);
+        tasks
     }
 
     /// Records the release changes whose service converged since the last call.
