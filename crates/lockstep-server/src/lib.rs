@@ -17,6 +17,7 @@ mod json;
 mod metrics;
 mod openapi;
 mod releases;
+mod rollouts;
 pub mod service;
 mod state;
 mod status;
@@ -154,7 +155,16 @@ impl Registry {
             .route(
                 "/v1/alert-channels",
                 get(alerts::get_channels).put(alerts::put_channels),
-            );
+            )
+            .route(
+                "/v1/rollouts",
+                get(rollouts::list).post(rollouts::start).layer(DefaultBodyLimit::max(
+                    self.state.service.rollouts().max_package_size(),
+                )),
+            )
+            .route("/v1/rollouts/{id}", get(rollouts::get))
+            .route("/v1/rollouts/{id}/abort", post(rollouts::abort))
+            .route("/v1/rollouts/{id}/retry", post(rollouts::retry));
         if let Some(compat) = &self.compat {
             root = root.merge(compat::router(compat, self.state.clone()));
         }
