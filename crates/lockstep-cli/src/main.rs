@@ -8,6 +8,7 @@ mod cmd_fleet;
 mod cmd_guard;
 mod cmd_package;
 mod cmd_release;
+mod cmd_rollout;
 mod cmd_serve;
 mod cmd_token;
 mod exit;
@@ -105,6 +106,9 @@ enum Command {
     /// Create, sign and verify update packages; generate signing keys.
     #[command(subcommand)]
     Package(cmd_package::PackageCommand),
+    /// Update a whole fleet through its agents: canary, batches, rollback on failures.
+    #[command(subcommand)]
+    Rollout(cmd_rollout::RolloutCommand),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --dir.
@@ -250,6 +254,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => cmd_demo::run(a).await,
             Command::Agent(a) => cmd_agent::run(a).await,
             Command::Package(c) => cmd_package::run(c),
+            Command::Rollout(c) => cmd_rollout::run(c).await,
             Command::Completions(_) => Ok(exit::OK),
             Command::Man(a) => man(a),
         }

@@ -158,9 +158,11 @@ impl Registry {
             )
             .route(
                 "/v1/rollouts",
-                get(rollouts::list).post(rollouts::start).layer(DefaultBodyLimit::max(
-                    self.state.service.rollouts().max_package_size(),
-                )),
+                get(rollouts::list)
+                    .post(rollouts::start)
+                    .layer(DefaultBodyLimit::max(
+                        self.state.service.rollouts().max_package_size(),
+                    )),
             )
             .route("/v1/rollouts/{id}", get(rollouts::get))
             .route("/v1/rollouts/{id}/abort", post(rollouts::abort))

@@ -87,10 +87,8 @@ pub async fn start(
         })?;
         match name.as_str() {
             "request" => {
-                request = Some(
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| bad(format!("request: {e}")))?,
-                )
+                request =
+                    Some(serde_json::from_slice(&bytes).map_err(|e| bad(format!("request: {e}")))?)
             }
             "package" | "update_package" => package = Some(bytes.to_vec()),
             "signature" => signature = Some(bytes.to_vec()),
