@@ -62,13 +62,15 @@ fn bad(msg: impl Into<String>) -> ApiError {
         (status = 403, description = "`forbidden`: needs the deployer role", body = ErrorBody),
         (status = 409, description = "`conflict`: a rollout of the service is running; `downgrade`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the package exceeds `--max-package-size`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not `multipart/form-data`", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn start(
     Auth(who, _): Auth<auth::Deployer>,
     State(st): State<Arc<AppState>>,
-    mut form: Multipart,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+    let mut form = form.map_err(|_| ApiError::UnsupportedMediaType)?;
     let mut request: Option<StartRollout> = None;
     let mut package: Option<Vec<u8>> = None;
     let mut signature: Option<Vec<u8>> = None;
