@@ -236,6 +236,11 @@ impl Fleet {
             &["--agent-token", TOKEN, "--instance-ttl", "30s"],
             &[],
         );
+        Fleet::with_serve(work, serve, n).await
+    }
+
+    /// `n` agents on v1 around an already started `serve`.
+    async fn with_serve(work: tempfile::TempDir, serve: ServeProcess, n: usize) -> Fleet {
         let (key, public) = keypair(work.path());
         let pubkey = public.display().to_string();
         let v1 = package(work.path(), &key, "v1", true);
@@ -761,5 +766,105 @@ async fn rollback_now_during_a_rollout_of_ten_agents_rolls_every_node_back_at_on
         !evs.iter()
             .any(|e| e.kind == "worker_update_started" && e.id > first_rb),
         "an update started after the emergency rollback"
+    );
+}
+
+/// Lines of an agent's log saying an apply of `version` really started (an apply of the
+/// release already running answers `unchanged` without one).
+fn applies_of(agent: &AgentProc, version: &str) -> usize {
+    agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("apply started") && l.contains(version))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_mid_batch_hands_the_rollout_over_without_applying_any_node_twice() {
+    let Some(url) = lockstep_testkit::fresh_pg_url().await else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let replica = |name: &str| {
+        ServeProcess::spawn(
+            &lockstep_bin(),
+            &work.path().join(format!("data-{name}")),
+            &[
+                "--store",
+                &url,
+                "--replica-id",
+                name,
+                "--leader-lease",
+                "2s",
+                "--agent-token",
+                TOKEN,
+                "--instance-ttl",
+                "30s",
+            ],
+            &[],
+        )
+    };
+    let mut a = replica("ro-a");
+    let leader_is = |url: String, want: &'static str| async move {
+        let h: serde_json::Value = reqwest::get(format!("{url}/healthz"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (h["registry"]["leader"] == want).then_some(())
+    };
+    lockstep_testkit::eventually(Duration::from_secs(10), || leader_is(a.url.clone(), "ro-a"))
+        .await
+        .expect("A leads");
+    let b = replica("ro-b");
+    let b_url = b.url.clone();
+    // The fleet talks to B; A (the leader) drives the rollout.
+    let fleet = Fleet::with_serve(tempfile::tempdir().expect("tempdir"), b, 6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "2"],
+    );
+    // Kill A once a batch node is updating.
+    let api = reqwest::Client::new();
+    let mut seen = false;
+    for _ in 0..600 {
+        let v: serde_json::Value = api
+            .get(format!("{b_url}/v1/rollouts/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes[1..].iter().any(|n| n["step"] == "updating") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "no batch node was ever updating");
+    a.kill9();
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "B finishes the rollout: {v}");
+    assert_eq!(v["phase"], "completed");
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 6]);
+    for (i, agent) in fleet.agents.iter().enumerate() {
+        assert_eq!(
+            applies_of(agent, "id-v2"),
+            1,
+            "node {i} received the apply of v2 exactly once:\n{}",
+            agent.logs()
+        );
+    }
+    let evs = fleet.events().await;
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "worker_version_checked" && e.data["resumed"] == true),
+        "B resumed a node recorded as updating by checking its version first"
     );
 }
