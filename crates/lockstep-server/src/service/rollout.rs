@@ -594,8 +594,6 @@ impl RegistryService {
             .collect();
         let settings: RolloutSettings = serde_json::from_value(r.settings.clone())
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        // The retry's nodes go in batches: the canary proved itself, or is among them.
-        let _ = settings;
         let mut release = Release::new(r.version_id.clone());
         release.accepts = r.previous_version_id.iter().cloned().collect();
         release.rollback_safe = settings.plan.rollback_safe;
@@ -610,6 +608,7 @@ impl RegistryService {
             actor,
         )
         .await?;
+        // A retry goes straight to batches: the canary ran in the first attempt.
         if !self
             .store
             .restart_rollout(id, &phase_name(Phase::Batches), changes)
@@ -674,7 +673,7 @@ pub async fn run(svc: Arc<RegistryService>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// What a finished node task reports.
+/// What a finished node task reports (its step is in the store already).
 type Done = ();
 
 fn event(
@@ -819,7 +818,6 @@ async fn drive(
             let finished = decision.phase.is_final();
             let mut evs = Vec::new();
             if finished {
-                let summary = view(&r, &nodes);
                 let verb = match decision.phase {
                     Phase::Completed => "completed",
                     Phase::RolledBack => "rolled back",
@@ -828,7 +826,6 @@ async fn drive(
                 };
                 let elapsed = (time::OffsetDateTime::now_utc() - r.created_at).as_seconds_f64();
                 let line = Summary::of(&steps).line(verb, &human_elapsed(elapsed));
-                let _ = summary;
                 evs.push(rollout_event(
                     &r,
                     &format!("rollout_{}", phase_name(decision.phase)),
