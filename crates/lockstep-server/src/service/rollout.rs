@@ -975,7 +975,6 @@ async fn drive(
         tokio::select! {
             _ = done_rx.recv() => {}
             _ = tokio::time::sleep(TICK) => {}
-            _ = svc.rollouts.wake.notified() => { svc.rollouts.wake.notify_one(); }
             _ = shutdown.changed() => return Ok(()),
         }
     }
