@@ -42,7 +42,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LOCKSTEP_AGENT_TOKEN", hide_env_values = true)]
     agent_token: Option<String>,
     /// Largest package `POST /v1/rollouts` accepts (`256M`, `1G`).
-    #[arg(long, default_value = "256M", value_parser = crate::cmd_agent::parse_size, value_name = "SIZE")]
+    #[arg(
+        long,
+        env = "LOCKSTEP_MAX_PACKAGE_SIZE",
+        default_value = "256M",
+        value_parser = crate::cmd_agent::parse_size,
+        value_name = "SIZE"
+    )]
     max_package_size: u64,
     /// This replica's id in `/v1/status`, `/healthz` and the leader lease
     /// (default: `<hostname>-<pid>`). Must differ between replicas.
