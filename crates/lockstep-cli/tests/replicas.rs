@@ -48,6 +48,7 @@ fn heartbeat(id: &str, service: &str, version: &str) -> Heartbeat {
     serde_json::from_value(serde_json::json!({
         "instance_id": id, "service": service, "version_id": version,
         "git_sha": format!("sha-{version}"), "pid": 4242,
+        "build_date": "2026-11-30T10:00:00Z", "started_at": "2026-11-30T11:00:00Z",
     }))
     .expect("heartbeat")
 }
@@ -548,7 +549,13 @@ async fn the_redis_mirror_holds_exactly_the_live_instances_under_the_fiskai_pref
     for h in last.values() {
         assert_eq!(h["gitSha"], "sha-v1");
         assert_eq!(h["pid"], "4242");
-        assert!(h.contains_key("startedAt") && h.contains_key("buildDate"));
+        assert!(
+            h.get("startedAt")
+                .is_some_and(|v| v.starts_with("2026-11-30T11:00:00"))
+                && h.get("buildDate")
+                    .is_some_and(|v| v.starts_with("2026-11-30T10:00:00")),
+            "{h:?}"
+        );
     }
     let metrics = reqwest::get(format!("{}/metrics", a.url))
         .await
