@@ -53,13 +53,14 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Starts a rollout: stores the package, makes the release expected with the previous one
 /// accepted, and lets the leader drive the agents.
-#[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts",
+#[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", operation_id = "start_rollout",
     request_body(content = StartRolloutForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, description = "the rollout, with its nodes", body = RolloutView),
-        (status = 400, description = "`bad_request`: a missing field, a bad name, no agents", body = ErrorBody),
+        (status = 400, description = "`bad_request`: a missing field, a bad name or version id", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the deployer role", body = ErrorBody),
+        (status = 404, description = "`not_found`: no agents to update (no live instance of the service has an endpoint)", body = ErrorBody),
         (status = 409, description = "`conflict`: a rollout of the service is running; `downgrade`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the package exceeds `--max-package-size`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: the body is not `multipart/form-data`", body = ErrorBody),
@@ -107,7 +108,7 @@ pub async fn start(
 }
 
 /// Recent rollouts, newest first.
-#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", params(ListQuery),
+#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", operation_id = "list_rollouts", params(ListQuery),
     responses(
         (status = 200, description = "rollouts, newest first", body = RolloutList),
         (status = 400, description = "`bad_request`: a bad `limit`", body = ErrorBody),
@@ -135,7 +136,7 @@ fn not_found(id: i64) -> ApiError {
 }
 
 /// One rollout: phase, nodes with their steps, the summary line.
-#[utoipa::path(get, path = "/v1/rollouts/{id}", tag = "rollouts",
+#[utoipa::path(get, path = "/v1/rollouts/{id}", tag = "rollouts", operation_id = "get_rollout",
     params(("id" = i64, Path, description = "the rollout id")),
     responses(
         (status = 200, description = "the rollout", body = RolloutView),
@@ -158,7 +159,7 @@ pub async fn get(
 }
 
 /// Stops a running rollout and rolls back every node it touched.
-#[utoipa::path(post, path = "/v1/rollouts/{id}/abort", tag = "rollouts",
+#[utoipa::path(post, path = "/v1/rollouts/{id}/abort", tag = "rollouts", operation_id = "abort_rollout",
     params(("id" = i64, Path, description = "the rollout id")),
     responses(
         (status = 200, description = "the rollout, its abort requested", body = RolloutView),
@@ -181,7 +182,7 @@ pub async fn abort(
 }
 
 /// Runs an aborted, failed or frozen rollout again: only the nodes not on its release.
-#[utoipa::path(post, path = "/v1/rollouts/{id}/retry", tag = "rollouts",
+#[utoipa::path(post, path = "/v1/rollouts/{id}/retry", tag = "rollouts", operation_id = "retry_rollout",
     params(("id" = i64, Path, description = "the rollout id")),
     responses(
         (status = 200, description = "the rollout, running again", body = RolloutView),

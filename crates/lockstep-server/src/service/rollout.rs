@@ -51,10 +51,25 @@ pub struct RolloutSettings {
 pub struct StartRollout {
     /// Environment (default `production`).
     #[serde(default = "default_env")]
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub env: String,
     /// Service.
+    #[schema(
+        pattern = "^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub service: String,
     /// The package's release id (its manifest's `version_id`).
+    #[schema(
+        pattern = "^[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub version_id: String,
     /// Its label.
     #[serde(default)]
@@ -418,10 +433,12 @@ impl RegistryService {
                 .collect()
         };
         if nodes.is_empty() {
-            return Err(RegistryError::BadRequest(
-                "no agents: pass agents, or register instances of the service with an endpoint"
-                    .into(),
-            ));
+            // Not a malformed request: the same call succeeds once the service's agents
+            // heartbeat with their endpoint.
+            return Err(RegistryError::NotFound(format!(
+                "no agents to update: no live instance of {}/{} has an endpoint; pass agents",
+                req.env, req.service
+            )));
         }
         let previous = self.store.expected(&req.env, &req.service).await?;
         let previous_id = previous
