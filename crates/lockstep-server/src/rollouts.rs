@@ -163,10 +163,11 @@ pub async fn get(
     params(("id" = i64, Path, description = "the rollout id")),
     responses(
         (status = 200, description = "the rollout, its abort requested", body = RolloutView),
-        (status = 400, description = "`bad_request`: it is not running", body = ErrorBody),
+        (status = 400, description = "`bad_request`: the id is not a number", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the deployer role", body = ErrorBody),
         (status = 404, description = "`not_found`: no such rollout", body = ErrorBody),
+        (status = 409, description = "`conflict`: it is not running", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn abort(
@@ -186,11 +187,11 @@ pub async fn abort(
     params(("id" = i64, Path, description = "the rollout id")),
     responses(
         (status = 200, description = "the rollout, running again", body = RolloutView),
-        (status = 400, description = "`bad_request`: it is still running, or completed", body = ErrorBody),
+        (status = 400, description = "`bad_request`: the id is not a number", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the deployer role", body = ErrorBody),
         (status = 404, description = "`not_found`: no such rollout", body = ErrorBody),
-        (status = 409, description = "`conflict`: another rollout of the service runs", body = ErrorBody),
+        (status = 409, description = "`conflict`: it is still running or completed, or another rollout of the service runs", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn retry(

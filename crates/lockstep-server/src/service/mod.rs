@@ -57,6 +57,9 @@ pub enum RegistryError {
     /// The named thing does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The call conflicts with the current state (e.g. a rollout that is not running).
+    #[error("{0}")]
+    Conflict(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),

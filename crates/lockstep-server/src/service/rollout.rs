@@ -82,18 +82,23 @@ pub struct StartRollout {
     pub agents: Vec<String>,
     /// Canary nodes (default 1).
     #[serde(default = "one")]
+    #[schema(minimum = 0, maximum = 100000)]
     pub canary: usize,
     /// Nodes at once (default 3).
     #[serde(default = "three")]
+    #[schema(minimum = 0, maximum = 100000)]
     pub concurrency: usize,
     /// Failures tolerated (default 0).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100000)]
     pub max_failures: usize,
     /// Poll interval, seconds (default 10).
     #[serde(default = "ten")]
+    #[schema(minimum = 0, maximum = 86400)]
     pub poll_secs: f64,
     /// Per-node timeout, seconds (default 300).
     #[serde(default = "five_min")]
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout_secs: f64,
     /// Whether the release may be rolled back automatically (default true).
     #[serde(default = "yes")]
@@ -543,7 +548,7 @@ impl RegistryService {
         };
         let request = if emergency { "emergency" } else { "abort" };
         if !self.store.request_rollout(id, request).await? {
-            return Err(RegistryError::BadRequest(format!(
+            return Err(RegistryError::Conflict(format!(
                 "rollout {id} is not running (phase {})",
                 r.phase
             )));
@@ -592,12 +597,12 @@ impl RegistryService {
             return Ok(None);
         };
         if r.running {
-            return Err(RegistryError::BadRequest(format!(
+            return Err(RegistryError::Conflict(format!(
                 "rollout {id} is still running"
             )));
         }
         if phase_of(&r.phase) == Phase::Completed {
-            return Err(RegistryError::BadRequest(format!(
+            return Err(RegistryError::Conflict(format!(
                 "rollout {id} completed; nothing to retry"
             )));
         }
