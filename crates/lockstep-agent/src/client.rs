@@ -149,6 +149,37 @@ impl AgentClient {
         .await
     }
 
+    /// [`AgentClient::upload`] from memory (the coordinator keeps packages in its store).
+    pub async fn upload_bytes(
+        &self,
+        version: &str,
+        package: bytes::Bytes,
+        signature: Option<bytes::Bytes>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let transport = |source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        };
+        let part = Part::stream_with_length(package.clone(), package.len() as u64)
+            .file_name("package.tar.gz")
+            .mime_str("application/gzip")
+            .map_err(transport)?;
+        let mut form = Form::new().part("update_package", part);
+        if let Some(sig) = signature {
+            form = form.part(
+                "signature",
+                Part::stream_with_length(sig.clone(), sig.len() as u64)
+                    .file_name("package.tar.gz.sig"),
+            );
+        }
+        self.send(
+            self.req(reqwest::Method::POST, "/api/v1/update/upload")
+                .header("X-Update-Version", version)
+                .multipart(form),
+        )
+        .await
+    }
+
     /// `POST /api/v1/update/apply` with `X-Update-Version`; waits for the apply (verify,
     /// unpack, switch, restart, health check) to finish.
     pub async fn apply(&self, version: &str) -> Result<Outcome, ClientError> {

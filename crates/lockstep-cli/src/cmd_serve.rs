@@ -38,6 +38,18 @@ pub struct ServeArgs {
     /// sharing one PostgreSQL, or `sqlite:///path/to/dir`.
     #[arg(long, env = "LOCKSTEP_STORE", hide_env_values = true)]
     store: Option<String>,
+    /// Bearer token presented to update agents during rollouts (the agents' `--token`).
+    #[arg(long, env = "LOCKSTEP_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+    /// Largest package `POST /v1/rollouts` accepts (`256M`, `1G`).
+    #[arg(
+        long,
+        env = "LOCKSTEP_MAX_PACKAGE_SIZE",
+        default_value = "256M",
+        value_parser = crate::cmd_agent::parse_size,
+        value_name = "SIZE"
+    )]
+    max_package_size: u64,
     /// This replica's id in `/v1/status`, `/healthz` and the leader lease
     /// (default: `<hostname>-<pid>`). Must differ between replicas.
     #[arg(long, env = "LOCKSTEP_REPLICA_ID")]
@@ -313,6 +325,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
             env: args.compat_env.clone(),
         });
     }
+    let rollouts = registry.service().rollouts();
+    rollouts.set_agent_token(args.agent_token.clone().filter(|t| !t.is_empty()));
+    rollouts.set_max_package_size(args.max_package_size);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| {

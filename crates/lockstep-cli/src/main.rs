@@ -9,6 +9,7 @@ mod cmd_gateway;
 mod cmd_guard;
 mod cmd_package;
 mod cmd_release;
+mod cmd_rollout;
 mod cmd_serve;
 mod cmd_token;
 mod exit;
@@ -108,6 +109,9 @@ enum Command {
     Package(cmd_package::PackageCommand),
     /// The version-aware HTTP entry point and RPC proxy.
     Gateway(cmd_gateway::GatewayArgs),
+    /// Update a whole fleet through its agents: canary, batches, rollback on failures.
+    #[command(subcommand)]
+    Rollout(cmd_rollout::RolloutCommand),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --dir.
@@ -254,6 +258,7 @@ fn main() -> ExitCode {
             Command::Agent(a) => cmd_agent::run(a).await,
             Command::Package(c) => cmd_package::run(c),
             Command::Gateway(a) => cmd_gateway::run(a).await,
+            Command::Rollout(c) => cmd_rollout::run(c).await,
             Command::Completions(_) => Ok(exit::OK),
             Command::Man(a) => man(a),
         }

@@ -208,7 +208,9 @@ pub fn decide_registration(
     let Some(current) = current else {
         return Ok(Decision::Apply);
     };
-    if current.version_id == new.version_id {
+    // The same release with other accepted releases (a rollout ending: its previous
+    // release is no longer accepted) is a change of what the registry expects.
+    if current.version_id == new.version_id && current.accepts == new.accepts {
         return Ok(Decision::Unchanged);
     }
     match kind {

@@ -148,6 +148,7 @@ impl From<crate::service::RegistryError> for ApiError {
             R::Rule(r) => r.into(),
             R::BadRequest(m) => ApiError::BadRequest(m),
             R::NotFound(m) => ApiError::NotFound(codes::NOT_FOUND, m),
+            R::Conflict(m) => ApiError::Conflict(codes::CONFLICT, m),
             R::Store(s) => s.into(),
             R::Unavailable(p) => p.into(),
         }

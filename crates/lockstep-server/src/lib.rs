@@ -18,6 +18,7 @@ mod json;
 mod metrics;
 mod openapi;
 mod releases;
+mod rollouts;
 pub mod service;
 mod state;
 mod status;
@@ -149,17 +150,29 @@ impl Registry {
                     }),
                 )
             });
-        let mut root = Router::new().merge(v1);
-        if let Some(compat) = &self.compat {
-            root = root.merge(compat::router(compat, self.state.clone()));
-        }
-        root.route("/v1/alerts", get(alerts::list))
+        let mut root = Router::new()
+            .merge(v1)
+            .route("/v1/alerts", get(alerts::list))
             .route("/v1/alerts/{id}/ack", post(alerts::ack))
             .route(
                 "/v1/alert-channels",
                 get(alerts::get_channels).put(alerts::put_channels),
             )
-            .route("/healthz", get(admin::healthz))
+            .route(
+                "/v1/rollouts",
+                get(rollouts::list)
+                    .post(rollouts::start)
+                    .layer(DefaultBodyLimit::max(
+                        self.state.service.rollouts().max_package_size(),
+                    )),
+            )
+            .route("/v1/rollouts/{id}", get(rollouts::get))
+            .route("/v1/rollouts/{id}/abort", post(rollouts::abort))
+            .route("/v1/rollouts/{id}/retry", post(rollouts::retry));
+        if let Some(compat) = &self.compat {
+            root = root.merge(compat::router(compat, self.state.clone()));
+        }
+        root.route("/healthz", get(admin::healthz))
             .route("/readyz", get(admin::readyz))
             .route("/metrics", get(metrics::metrics))
             .route("/openapi.json", get(openapi::openapi_json))

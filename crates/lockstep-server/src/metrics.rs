@@ -314,5 +314,6 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .render(&mut out, "lockstep_convergence_seconds", "");
     st.http.render(&mut out);
     svc.alerts().write_metrics(&mut out);
+    svc.rollouts().write_metrics(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, alerts, dashboard, instances, releases, status, stream};
+use crate::{admin, alerts, dashboard, instances, releases, rollouts, status, stream};
 
 /// The generated document.
 #[derive(OpenApi)]
@@ -20,6 +20,7 @@ use crate::{admin, alerts, dashboard, instances, releases, status, stream};
         admin::healthz, admin::readyz, crate::metrics::metrics,
         dashboard::dashboard,
         alerts::list, alerts::ack, alerts::get_channels, alerts::put_channels,
+        rollouts::start, rollouts::list, rollouts::get, rollouts::abort, rollouts::retry,
     ),
     components(schemas(
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
@@ -37,6 +38,9 @@ use crate::{admin, alerts, dashboard, instances, releases, status, stream};
         lockstep_api::Alert, lockstep_api::AlertList, lockstep_api::AlertState,
         lockstep_api::AckRequest, lockstep_api::AlertChannels, lockstep_api::ChannelSchema,
         lockstep_api::WebhookChannel, lockstep_api::SlackChannel, lockstep_api::EmailChannel, lockstep_core::Severity, lockstep_core::Condition,
+        rollouts::RolloutList, rollouts::StartRolloutForm,
+        crate::service::rollout::RolloutView, crate::service::rollout::NodeView,
+        crate::service::rollout::StartRollout,
     )),
     modifiers(&BearerAuth, &ForGenerators),
 )]

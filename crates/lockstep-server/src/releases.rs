@@ -145,6 +145,12 @@ pub async fn rollback(
     Path((env, svc)): Path<(String, String)>,
     JsonBody(body): JsonBody<RollbackRequest>,
 ) -> Result<Json<StoredRelease>, ApiError> {
+    if body.now {
+        // `rollback --now` also stops a running rollout of the service, every node at once.
+        st.service
+            .emergency_rollback_rollout(&env, &svc, &who.name)
+            .await?;
+    }
     let stored = st.service.rollback(&env, &svc, body, &who.name).await?;
     Ok(Json(stored))
 }

@@ -73,6 +73,7 @@ pub async fn run(store: &dyn Store) {
     alerts_open_escalate_ack_and_resolve_once_with_their_events(store).await;
     alert_channels_round_trip_and_are_logged_without_secrets(store).await;
     notifications_are_queued_once_and_delivered_once(store).await;
+    rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -614,7 +615,8 @@ pub async fn run_concurrent(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     the_feed_wakes_the_other_handle_and_catch_up_sees_every_revision_once(a.clone(), b.clone())
         .await;
     only_one_handle_holds_the_leader_lease(a.clone(), b.clone()).await;
-    racing_replicas_open_one_alert_per_condition(a, b).await;
+    racing_replicas_open_one_alert_per_condition(a.clone(), b.clone()).await;
+    racing_replicas_start_one_rollout_per_service(a, b).await;
 }
 
 async fn racing_registrations_each_apply_once_on_a_distinct_previous(
@@ -1196,4 +1198,183 @@ async fn racing_replicas_open_one_alert_per_condition(a: Arc<dyn Store>, b: Arc<
     a.release_lease(crate::LEADER_LEASE, "race")
         .await
         .expect("release");
+}
+
+fn new_rollout(service: &str, nodes: usize) -> crate::NewRollout {
+    crate::NewRollout {
+        env: "production".into(),
+        service: service.into(),
+        version_id: "v2".into(),
+        previous_version_id: Some("v1".into()),
+        settings: serde_json::json!({"canary": 1, "concurrency": 2}),
+        phase: "canary".into(),
+        actor: "ci".into(),
+        nodes: (0..nodes)
+            .map(|i| crate::NewRolloutNode {
+                instance_id: format!("{service}-{i}"),
+                endpoint: format!("http://127.0.0.1:{}", 9000 + i),
+            })
+            .collect(),
+        // Every byte value, and a NUL first: the package is kept byte for byte.
+        package: (0..=255u8).rev().chain(0..=255u8).collect(),
+        signature: Some(vec![0, 1, 2, 255]),
+        initial_step: serde_json::json!({"step": "pending"}),
+    }
+}
+
+async fn rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store: &dyn Store) {
+    let r = store
+        .create_rollout(new_rollout("ro", 3))
+        .await
+        .expect("create");
+    assert!(r.running);
+    assert_eq!(r.phase, "canary");
+    assert_eq!(r.package_size, 512);
+    assert_eq!(r.previous_version_id.as_deref(), Some("v1"));
+    let (pkg, sig) = store
+        .rollout_package(r.id)
+        .await
+        .expect("package")
+        .expect("stored");
+    assert_eq!(pkg, new_rollout("ro", 0).package, "package byte for byte");
+    assert_eq!(sig, Some(vec![0, 1, 2, 255]));
+    match store.create_rollout(new_rollout("ro", 1)).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a second running rollout of one service must conflict: {other:?}"),
+    }
+    let other = store
+        .create_rollout(new_rollout("ro-other", 1))
+        .await
+        .expect("another service runs side by side");
+
+    // Steps are leader-fenced.
+    let step = serde_json::json!({"step": "updating"});
+    match store
+        .set_rollout_step("nobody", r.id, 0, step.clone(), true, vec![])
+        .await
+    {
+        Err(StoreError::NotLeader) => {}
+        other => panic!("a step without the lease must be refused: {other:?}"),
+    }
+    take_lease(store, "ro-leader").await;
+    let ev = NewEvent {
+        kind: "worker_update_started".into(),
+        data: serde_json::json!({"rollout_id": r.id, "node": "ro-0"}),
+        ..NewEvent::default()
+    };
+    let evs = store
+        .set_rollout_step("ro-leader", r.id, 0, step.clone(), true, vec![ev])
+        .await
+        .expect("step");
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].kind, "worker_update_started");
+    let nodes = store.rollout_nodes(r.id).await.expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes[0].step, step);
+    assert_eq!(nodes[0].attempts, 1);
+    assert_eq!(nodes[1].step, serde_json::json!({"step": "pending"}));
+    assert_eq!(nodes[2].instance_id, "ro-2");
+    assert_eq!(nodes[2].endpoint, "http://127.0.0.1:9002");
+
+    // A request is picked up; finishing frees the service.
+    assert!(store.request_rollout(r.id, "abort").await.expect("request"));
+    let got = store.rollout(r.id).await.expect("get").expect("some");
+    assert_eq!(got.request.as_deref(), Some("abort"));
+    match store
+        .set_rollout_phase("nobody", r.id, "aborted", false, true, vec![])
+        .await
+    {
+        Err(StoreError::NotLeader) => {}
+        other => panic!("a phase without the lease must be refused: {other:?}"),
+    }
+    store
+        .set_rollout_phase("ro-leader", r.id, "aborted", false, true, vec![])
+        .await
+        .expect("phase");
+    let got = store.rollout(r.id).await.expect("get").expect("some");
+    assert!(!got.running);
+    assert!(got.finished_at.is_some());
+    assert_eq!(got.request, None);
+    assert!(!store.request_rollout(r.id, "abort").await.expect("request"));
+    let running = store.rollouts(true, 10).await.expect("list");
+    assert_eq!(
+        running.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![other.id]
+    );
+    let all = store.rollouts(false, 10).await.expect("list");
+    assert_eq!(
+        all.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![other.id, r.id]
+    );
+
+    // Retry: a new rollout of the service blocks it; once that finishes, it restarts.
+    let blocker = store
+        .create_rollout(new_rollout("ro", 1))
+        .await
+        .expect("the service is free again");
+    match store
+        .restart_rollout(
+            r.id,
+            "batches",
+            vec![(1, serde_json::json!({"step": "pending"}))],
+        )
+        .await
+    {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a retry while another rollout runs must conflict: {other:?}"),
+    }
+    store
+        .set_rollout_phase("ro-leader", blocker.id, "completed", false, false, vec![])
+        .await
+        .expect("phase");
+    assert!(
+        store
+            .restart_rollout(
+                r.id,
+                "batches",
+                vec![(0, serde_json::json!({"step": "pending"}))]
+            )
+            .await
+            .expect("restart")
+    );
+    let got = store.rollout(r.id).await.expect("get").expect("some");
+    assert!(got.running);
+    assert_eq!(got.phase, "batches");
+    assert_eq!(got.finished_at, None);
+    let nodes = store.rollout_nodes(r.id).await.expect("nodes");
+    assert_eq!(nodes[0].step, serde_json::json!({"step": "pending"}));
+    assert_eq!(nodes[0].attempts, 1, "attempts are kept across a retry");
+    assert!(
+        !store
+            .restart_rollout(9_999_999, "batches", vec![])
+            .await
+            .expect("restart")
+    );
+    store
+        .release_lease(crate::LEADER_LEASE, "ro-leader")
+        .await
+        .expect("release");
+}
+
+async fn racing_replicas_start_one_rollout_per_service(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            s.create_rollout(new_rollout("race-ro", 1)).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => panic!("racing rollouts: unexpected {e}"),
+        }
+    }
+    assert_eq!(
+        ok, 1,
+        "exactly one running rollout per service, whatever the races"
+    );
+    assert_eq!(b.rollouts(true, 100).await.expect("list").len(), 1);
 }

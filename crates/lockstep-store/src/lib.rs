@@ -14,6 +14,7 @@ mod error;
 pub mod lock;
 mod migrations;
 pub mod postgres;
+pub mod rollouts;
 pub mod sqlite;
 
 pub use alerts::{
@@ -23,6 +24,7 @@ pub use alerts::{
 pub use error::StoreError;
 pub use lock::{DataDirLock, LockError};
 pub use postgres::PgStore;
+pub use rollouts::{NewRollout, NewRolloutNode, Rollout, RolloutNode};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -316,6 +318,54 @@ pub trait Store: Send + Sync + 'static {
     async fn deliveries(&self, limit: u32) -> Result<Vec<Delivery>, StoreError>;
     /// When each channel's last delivery was created (its rate-limit window).
     async fn last_deliveries(&self) -> Result<Vec<(String, OffsetDateTime)>, StoreError>;
+
+    /// Creates a rollout with its nodes and its package in one transaction; `Conflict`
+    /// when a rollout of the same (env, service) is running.
+    async fn create_rollout(&self, rollout: NewRollout) -> Result<Rollout, StoreError>;
+    /// One rollout.
+    async fn rollout(&self, id: i64) -> Result<Option<Rollout>, StoreError>;
+    /// Rollouts, newest first (`running_only`: those not finished).
+    async fn rollouts(&self, running_only: bool, limit: u32) -> Result<Vec<Rollout>, StoreError>;
+    /// A rollout's nodes in rollout order.
+    async fn rollout_nodes(&self, id: i64) -> Result<Vec<RolloutNode>, StoreError>;
+    /// A rollout's package and signature.
+    async fn rollout_package(
+        &self,
+        id: i64,
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, StoreError>;
+    /// Records a node's step (`attempt`: one more update attempt) and appends `events`, in
+    /// one transaction — only while `holder` holds the [`LEADER_LEASE`] (else `NotLeader`).
+    async fn set_rollout_step(
+        &self,
+        holder: &str,
+        id: i64,
+        idx: i64,
+        step: serde_json::Value,
+        attempt: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError>;
+    /// Moves a rollout to `phase` (`running: false` finishes it; `clear_request`: the
+    /// pending request was acted on) and appends `events`; leader only.
+    async fn set_rollout_phase(
+        &self,
+        holder: &str,
+        id: i64,
+        phase: &str,
+        running: bool,
+        clear_request: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError>;
+    /// Records a person's request (`abort`, `emergency`) on a running rollout for the
+    /// coordinator to act on; false when it is not running.
+    async fn request_rollout(&self, id: i64, request: &str) -> Result<bool, StoreError>;
+    /// Runs a finished rollout again from `phase` with the given node steps; false when
+    /// there is no such rollout, `Conflict` when another rollout of the service runs.
+    async fn restart_rollout(
+        &self,
+        id: i64,
+        phase: &str,
+        steps: Vec<(i64, serde_json::Value)>,
+    ) -> Result<bool, StoreError>;
 
     /// Cheap round-trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;

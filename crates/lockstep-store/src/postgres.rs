@@ -1423,6 +1423,96 @@ impl Store for PgStore {
         ops::last_deliveries(&self.pool).await
     }
 
+    async fn create_rollout(&self, r: crate::NewRollout) -> Result<crate::Rollout, StoreError> {
+        let mut tx = self.log_tx().await?;
+        let id = rops::create(&mut tx, r).await?;
+        self.commit(tx).await?;
+        rops::get(&self.pool, id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("rollout {id} not readable")))
+    }
+
+    async fn rollout(&self, id: i64) -> Result<Option<crate::Rollout>, StoreError> {
+        rops::get(&self.pool, id).await
+    }
+
+    async fn rollouts(
+        &self,
+        running_only: bool,
+        limit: u32,
+    ) -> Result<Vec<crate::Rollout>, StoreError> {
+        rops::list(&self.pool, running_only, limit).await
+    }
+
+    async fn rollout_nodes(&self, id: i64) -> Result<Vec<crate::RolloutNode>, StoreError> {
+        rops::nodes(&self.pool, id).await
+    }
+
+    async fn rollout_package(
+        &self,
+        id: i64,
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        rops::package(&self.pool, id).await
+    }
+
+    async fn set_rollout_step(
+        &self,
+        holder: &str,
+        id: i64,
+        idx: i64,
+        step: serde_json::Value,
+        attempt: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.log_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        if !rops::set_step(&mut tx, id, idx, &step, attempt).await? {
+            tx.rollback().await?;
+            return Err(StoreError::Corrupt(format!(
+                "rollout {id} has no node {idx}"
+            )));
+        }
+        let evs = insert_events(&mut tx, events).await?;
+        self.commit(tx).await?;
+        Ok(evs)
+    }
+
+    async fn set_rollout_phase(
+        &self,
+        holder: &str,
+        id: i64,
+        phase: &str,
+        running: bool,
+        clear_request: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.log_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        rops::set_phase(&mut tx, id, phase, running, clear_request).await?;
+        let evs = insert_events(&mut tx, events).await?;
+        self.commit(tx).await?;
+        Ok(evs)
+    }
+
+    async fn request_rollout(&self, id: i64, request: &str) -> Result<bool, StoreError> {
+        let mut tx = self.log_tx().await?;
+        let done = rops::request(&mut tx, id, request).await?;
+        self.commit(tx).await?;
+        Ok(done)
+    }
+
+    async fn restart_rollout(
+        &self,
+        id: i64,
+        phase: &str,
+        steps: Vec<(i64, serde_json::Value)>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.log_tx().await?;
+        let done = rops::restart(&mut tx, id, phase, &steps).await?;
+        self.commit(tx).await?;
+        Ok(done)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -1477,4 +1567,9 @@ mod tests {
             "postgres://h/db?sslmode=disable&options=-c%20search_path%3Ds"
         );
     }
+}
+
+/// Rollout SQL, shared by both backends.
+mod rops {
+    crate::rollouts::rollout_ops!(sqlx::Postgres);
 }

@@ -1000,6 +1000,108 @@ impl Store for SqliteStore {
         ops::last_deliveries(&self.reader).await
     }
 
+    async fn create_rollout(&self, r: crate::NewRollout) -> Result<crate::Rollout, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let id = rops::create(&mut tx, r).await?;
+        self.commit(tx).await?;
+        rops::get(&self.reader, id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("rollout {id} not readable")))
+    }
+
+    async fn rollout(&self, id: i64) -> Result<Option<crate::Rollout>, StoreError> {
+        rops::get(&self.reader, id).await
+    }
+
+    async fn rollouts(
+        &self,
+        running_only: bool,
+        limit: u32,
+    ) -> Result<Vec<crate::Rollout>, StoreError> {
+        rops::list(&self.reader, running_only, limit).await
+    }
+
+    async fn rollout_nodes(&self, id: i64) -> Result<Vec<crate::RolloutNode>, StoreError> {
+        rops::nodes(&self.reader, id).await
+    }
+
+    async fn rollout_package(
+        &self,
+        id: i64,
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        rops::package(&self.reader, id).await
+    }
+
+    async fn set_rollout_step(
+        &self,
+        holder: &str,
+        id: i64,
+        idx: i64,
+        step: serde_json::Value,
+        attempt: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        if !rops::set_step(&mut tx, id, idx, &step, attempt).await? {
+            tx.rollback().await?;
+            return Err(StoreError::Corrupt(format!(
+                "rollout {id} has no node {idx}"
+            )));
+        }
+        let evs = {
+            let mut out = Vec::with_capacity(events.len());
+            for ev in events {
+                out.push(insert_event(&mut tx, ev).await?);
+            }
+            out
+        };
+        self.commit(tx).await?;
+        Ok(evs)
+    }
+
+    async fn set_rollout_phase(
+        &self,
+        holder: &str,
+        id: i64,
+        phase: &str,
+        running: bool,
+        clear_request: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        check_lease(&mut tx, holder).await?;
+        rops::set_phase(&mut tx, id, phase, running, clear_request).await?;
+        let evs = {
+            let mut out = Vec::with_capacity(events.len());
+            for ev in events {
+                out.push(insert_event(&mut tx, ev).await?);
+            }
+            out
+        };
+        self.commit(tx).await?;
+        Ok(evs)
+    }
+
+    async fn request_rollout(&self, id: i64, request: &str) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done = rops::request(&mut tx, id, request).await?;
+        self.commit(tx).await?;
+        Ok(done)
+    }
+
+    async fn restart_rollout(
+        &self,
+        id: i64,
+        phase: &str,
+        steps: Vec<(i64, serde_json::Value)>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done = rops::restart(&mut tx, id, phase, &steps).await?;
+        self.commit(tx).await?;
+        Ok(done)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
@@ -1038,4 +1140,9 @@ fn from_millis(ms: i64) -> OffsetDateTime {
 /// Alert, channel and delivery SQL, shared with the PostgreSQL backend.
 mod ops {
     crate::alerts::alert_ops!(sqlx::Sqlite);
+}
+
+/// Rollout SQL, shared by both backends.
+mod rops {
+    crate::rollouts::rollout_ops!(sqlx::Sqlite);
 }

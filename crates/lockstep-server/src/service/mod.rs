@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod leader;
 pub mod metrics;
 pub mod projection;
+pub mod rollout;
 pub mod tokens;
 
 use lockstep_api::{CreatedToken, Event, Heartbeat, PutRelease, RollbackRequest};
@@ -56,6 +57,9 @@ pub enum RegistryError {
     /// The named thing does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The call conflicts with the current state (e.g. a rollout that is not running).
+    #[error("{0}")]
+    Conflict(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -104,6 +108,7 @@ pub struct RegistryService {
     leadership: Arc<Leadership>,
     mirror: Option<lockstep_mirror::Mirror>,
     alerts: Arc<alerts::Alerts>,
+    rollouts: Arc<rollout::Rollouts>,
     /// Heartbeats accepted by this replica.
     pub heartbeats: AtomicU64,
     /// Release registered → every live instance current, in seconds.
@@ -183,6 +188,7 @@ impl RegistryService {
                 leadership,
                 mirror,
                 alerts: Arc::new(alerts::Alerts::new()),
+                rollouts: Arc::new(rollout::Rollouts::new()),
                 heartbeats: AtomicU64::new(0),
                 convergence: metrics::Histogram::new(metrics::CONVERGENCE_BOUNDS),
             }),
@@ -493,8 +499,9 @@ impl RegistryService {
             }
         });
         let alert_tasks = alerts::spawn(self, shutdown.clone());
+        let coordinator = tokio::spawn(rollout::run(self.clone(), shutdown.clone()));
         let leader = tokio::spawn(leader::run(self.clone(), shutdown));
-        let mut tasks = vec![proj, flusher, converge, leader];
+        let mut tasks = vec![proj, flusher, converge, leader, coordinator];
         tasks.extend(alert_tasks);
         tasks
     }

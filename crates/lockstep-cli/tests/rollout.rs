@@ -1,0 +1,870 @@
+//! Fleet rollouts with real processes on loopback: a real `serve` drives real update agents
+//! (each supervising a trivial Python worker) through `lockstep rollout start|watch`:
+//! canary then batches, a failing canary stopping everything, the failure threshold
+//! rolling every updated node back byte for byte, a release that is not rollback-safe
+//! freezing with a critical alert, abort then retry, and `rollback --now`.
+
+use lockstep_agent::AgentClient;
+use lockstep_package::{CreateOptions, SigningKey, sign};
+use lockstep_testkit::{ADMIN_TOKEN, ServeProcess, lockstep_bin};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+const TOKEN: &str = "agent-test-token-0123456789";
+
+/// Healthy when the release has a `healthy` file and the node's root has no
+/// `sick-<VERSION>` file (so one package can fail on chosen nodes only).
+const WORKER: &str = r#"
+import http.server, os, sys, threading, time
+port = int(sys.argv[1]); parent = os.getppid()
+version = open('VERSION').read().strip()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path != '/health' or (os.path.exists('healthy') and not os.path.exists('../../sick-' + version))
+        self.send_response(200 if ok else 500); self.end_headers()
+        self.wfile.write(version.encode() if ok else b'sick')
+    def log_message(self, *a): pass
+http.server.HTTPServer.allow_reuse_address = True
+srv = http.server.HTTPServer(('127.0.0.1', port), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+while os.getppid() == parent: time.sleep(0.05)
+"#;
+
+struct AgentProc {
+    child: Child,
+    url: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl AgentProc {
+    fn spawn(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> AgentProc {
+        let mut cmd = Command::new(lockstep_bin());
+        cmd.arg("agent")
+            .arg("--root")
+            .arg(root)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("LOCKSTEP_AGENT_TOKEN")
+            .env_remove(lockstep_agent::CRASH_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn lockstep agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = BufReader::new(out).read_line(&mut first);
+            let _ = tx.send(first);
+        });
+        let first = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let Some(url) = first.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let log = stderr.lock().map(|s| s.clone()).unwrap_or_default();
+            panic!("agent did not start; first line {first:?}; stderr:\n{log}");
+        };
+        AgentProc {
+            url: url.to_string(),
+            child,
+            stderr,
+        }
+    }
+
+    fn client(&self) -> AgentClient {
+        AgentClient::new(&self.url, Some(TOKEN.into()))
+    }
+
+    fn logs(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A release tree: the worker, its VERSION, `healthy` unless told otherwise, an executable
+/// and enough files that "half unpacked" is a real state.
+fn release_tree(dir: &Path, version: &str, healthy: bool) {
+    std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+    std::fs::write(dir.join("worker.py"), WORKER).expect("write");
+    std::fs::write(dir.join("VERSION"), version).expect("write");
+    if healthy {
+        std::fs::write(dir.join("healthy"), "yes").expect("write");
+    }
+    std::fs::write(dir.join("bin/tool"), format!("#!/bin/sh\necho {version}\n")).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    for i in 0..20 {
+        std::fs::write(
+            dir.join(format!("data/file-{i:02}")),
+            format!("{version} {i} ").repeat(200),
+        )
+        .expect("write");
+    }
+}
+
+struct Pkg {
+    src: PathBuf,
+    file: PathBuf,
+    sig: PathBuf,
+}
+
+fn package(work: &Path, key: &SigningKey, version: &str, healthy: bool) -> Pkg {
+    let src = work.join(format!("src-{version}"));
+    release_tree(&src, version, healthy);
+    let file = work.join(format!("{version}.tar.gz"));
+    let opts = CreateOptions {
+        service: "api".into(),
+        version: version.into(),
+        version_id: Some(format!("id-{version}")),
+        git_sha: Some(format!("sha-{version}")),
+        components: [("translator".to_string(), version.to_string())].into(),
+        ..CreateOptions::default()
+    };
+    lockstep_package::create(&src, &opts, &file).expect("create");
+    let sig = sign::sign_file(key, &file).expect("sign");
+    let sig_path = sign::sig_path(&file);
+    std::fs::write(&sig_path, sig.to_bytes()).expect("sig");
+    Pkg {
+        src,
+        file,
+        sig: sig_path,
+    }
+}
+
+fn keypair(work: &Path) -> (SigningKey, PathBuf) {
+    let key = sign::generate().expect("key");
+    let path = work.join("release-key");
+    let public = sign::write_keypair(&key, &path).expect("write");
+    (key, public)
+}
+
+/// Every file (contents) and link (target) under `dir`, without the manifest.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p.strip_prefix(base).expect("rel").display().to_string();
+            let meta = p.symlink_metadata().expect("meta");
+            if meta.is_dir() {
+                walk(base, &p, out);
+            } else if meta.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).expect("link");
+                out.insert(rel, format!("-> {}", t.display()).into_bytes());
+            } else if rel != "lockstep-manifest.json" {
+                use std::os::unix::fs::PermissionsExt;
+                let mut body = std::fs::read(&p).expect("read");
+                body.extend(format!(" mode {:o}", meta.permissions().mode() & 0o111).bytes());
+                out.insert(rel, body);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let real = std::fs::canonicalize(dir).expect("canonical");
+    walk(&real, &real, &mut out);
+    out
+}
+
+fn current_id(root: &Path) -> String {
+    std::fs::read_link(root.join("current"))
+        .expect("current is a symlink")
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A registry, `n` agents heartbeating to it (service `api`), every node on `v1`.
+struct Fleet {
+    work: tempfile::TempDir,
+    serve: ServeProcess,
+    agents: Vec<AgentProc>,
+    roots: Vec<PathBuf>,
+    key: SigningKey,
+    v1: Pkg,
+}
+
+impl Fleet {
+    async fn start(n: usize) -> Fleet {
+        let work = tempfile::tempdir().expect("tempdir");
+        let serve = ServeProcess::spawn(
+            &lockstep_bin(),
+            &work.path().join("data"),
+            &["--agent-token", TOKEN, "--instance-ttl", "30s"],
+            &[],
+        );
+        Fleet::with_serve(work, serve, n).await
+    }
+
+    /// `n` agents on v1 around an already started `serve`.
+    async fn with_serve(work: tempfile::TempDir, serve: ServeProcess, n: usize) -> Fleet {
+        let (key, public) = keypair(work.path());
+        let pubkey = public.display().to_string();
+        let v1 = package(work.path(), &key, "v1", true);
+        let client = serve.client(ADMIN_TOKEN);
+        let mut rel = lockstep_core::Release::new("id-v1");
+        rel.version = Some("v1".into());
+        client
+            .put_release(
+                "production",
+                "api",
+                &lockstep_api::PutRelease {
+                    release: rel,
+                    force: false,
+                },
+            )
+            .await
+            .expect("register v1");
+        let mut agents = Vec::new();
+        let mut roots = Vec::new();
+        for i in 0..n {
+            let root = work.path().join(format!("node-{i}"));
+            let port = free_port().to_string();
+            let health = format!("http://127.0.0.1:{port}/health");
+            let args = vec![
+                "--trusted-key",
+                &pubkey,
+                "--token",
+                TOKEN,
+                "--health-url",
+                &health,
+                "--health-timeout",
+                "4s",
+                "--grace",
+                "1s",
+                "--service",
+                "api",
+                "--registry",
+                &serve.url,
+                "--registry-token",
+                ADMIN_TOKEN,
+                "--run",
+                "--",
+                "python3",
+                "worker.py",
+                &port,
+            ];
+            agents.push(AgentProc::spawn(&root, &args, &[]));
+            roots.push(root);
+        }
+        let applies = agents.iter().map(|a| {
+            let c = a.client();
+            let (file, sig) = (v1.file.clone(), v1.sig.clone());
+            async move {
+                c.upload("id-v1", &file, Some(&sig))
+                    .await
+                    .expect("upload v1");
+                c.apply("id-v1").await.expect("apply v1");
+            }
+        });
+        futures_util::future::join_all(applies).await;
+        let fleet = Fleet {
+            work,
+            serve,
+            agents,
+            roots,
+            key,
+            v1,
+        };
+        // Every agent heartbeats with its endpoint.
+        let want = n;
+        let ok = lockstep_testkit::eventually(Duration::from_secs(20), || {
+            let c = fleet.serve.client(ADMIN_TOKEN);
+            async move {
+                let st = c.status(Some("production"), Some("api")).await.ok()?;
+                let n = st
+                    .environments
+                    .iter()
+                    .flat_map(|e| &e.services)
+                    .flat_map(|s| &s.instances)
+                    .filter(|i| i.instance.endpoint.is_some())
+                    .count();
+                (n == want).then_some(())
+            }
+        })
+        .await;
+        assert!(ok.is_some(), "the agents did not all heartbeat");
+        fleet
+    }
+
+    fn urls(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| a.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs `lockstep ARGS…` against the registry: (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(lockstep_bin())
+            .args(args)
+            .env("LOCKSTEP_REGISTRY", &self.serve.url)
+            .env("LOCKSTEP_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lockstep");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `rollout start` with `extra` flags; answers the rollout id (its last line).
+    fn start_rollout(&self, pkg: &Pkg, extra: &[&str]) -> String {
+        let file = pkg.file.display().to_string();
+        let sig = pkg.sig.display().to_string();
+        let mut args = vec![
+            "rollout",
+            "start",
+            "--service",
+            "api",
+            "--package",
+            &file,
+            "--signature",
+            &sig,
+            "--poll",
+            "200ms",
+            "--timeout",
+            "30s",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = self.cli(&args);
+        let agents: Vec<String> = self.agents.iter().map(AgentProc::logs).collect();
+        assert_eq!(
+            code,
+            0,
+            "rollout start failed: {out}\n{err}\n{}\n{agents:?}",
+            self.serve.logs()
+        );
+        out.lines().last().expect("an id").trim().to_string()
+    }
+
+    fn watch(&self, id: &str) -> (i32, serde_json::Value) {
+        let (code, out, err) = self.cli(&["rollout", "watch", id, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("watch -o json: {e}: {out}\n{err}"));
+        (code, v)
+    }
+
+    async fn versions(&self) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        for a in &self.agents {
+            out.push(a.client().version().await.expect("version").version_id);
+        }
+        out
+    }
+
+    async fn events(&self) -> Vec<lockstep_api::Event> {
+        self.serve
+            .client(ADMIN_TOKEN)
+            .events(0, 1000)
+            .await
+            .expect("events")
+            .events
+    }
+
+    async fn expected(&self) -> lockstep_core::StoredRelease {
+        self.serve
+            .client(ADMIN_TOKEN)
+            .release("production", "api")
+            .await
+            .expect("release")
+            .expect("some")
+    }
+}
+
+fn node_events<'a>(evs: &'a [lockstep_api::Event], node: &str) -> Vec<&'a str> {
+    evs.iter()
+        .filter(|e| e.kind.starts_with("worker_") && e.data["node"] == node)
+        .map(|e| e.kind.as_str())
+        .collect()
+}
+
+fn node_ids(v: &serde_json::Value) -> Vec<String> {
+    v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["instance_id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_agents_canary_first_then_batches_of_two_all_updated_verify_ok_and_the_summary_line() {
+    let fleet = Fleet::start(6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    // No --agents: every live instance of the service with an endpoint.
+    let id = fleet.start_rollout(&v2, &["--canary", "1", "--concurrency", "2"]);
+    let (code, out, err) = fleet.cli(&["rollout", "watch", &id]);
+    assert_eq!(code, 0, "watch: {out}\n{err}\n{}", fleet.serve.logs());
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("Rollout completed: 6/6 successful (100.0%), 0 failed, 0 skipped in "),
+        "summary line: {last:?}"
+    );
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 6]);
+    let expected = fleet.expected().await;
+    assert_eq!(expected.release.version_id, "id-v2");
+    assert!(
+        expected.release.accepts.is_empty(),
+        "the previous release is no longer accepted once the rollout completed"
+    );
+    // verify: every instance reports the expected release.
+    let mut verified = false;
+    for _ in 0..50 {
+        let (code, _, _) = fleet.cli(&["verify", "--service", "api"]);
+        if code == 0 {
+            verified = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        verified,
+        "verify never passed: {:?}",
+        fleet.cli(&["verify", "--service", "api"])
+    );
+
+    let (_, v) = fleet.watch(&id);
+    let nodes = node_ids(&v);
+    let evs = fleet.events().await;
+    for n in &nodes {
+        assert_eq!(
+            node_events(&evs, n),
+            vec![
+                "worker_update_started",
+                "worker_version_checked",
+                "worker_backup_created",
+                "worker_update_completed"
+            ],
+            "events of {n} in order"
+        );
+    }
+    // The canary finished before any other node started; never more than 2 at once.
+    let canary_done = evs
+        .iter()
+        .find(|e| e.kind == "worker_update_completed" && e.data["node"] == nodes[0].as_str())
+        .expect("canary completed")
+        .id;
+    let mut busy = 0i32;
+    for e in &evs {
+        match e.kind.as_str() {
+            "worker_update_started" => {
+                if e.data["node"] != nodes[0].as_str() {
+                    assert!(
+                        e.id > canary_done,
+                        "a batch node started before the canary finished"
+                    );
+                }
+                busy += 1;
+                assert!(busy <= 2, "more than 2 nodes updating at once");
+            }
+            "worker_update_completed" => busy -= 1,
+            _ => {}
+        }
+    }
+    for e in evs.iter().filter(|e| e.kind.starts_with("worker_")) {
+        assert_eq!(
+            e.data["rollout_id"].to_string(),
+            id,
+            "every event names the rollout"
+        );
+    }
+    let metrics = reqwest::get(format!("{}/metrics", fleet.serve.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("lockstep_rollouts_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lockstep_rollout_node_update_seconds_count 6"),
+        "{metrics}"
+    );
+    // A second rollout of the service while none runs is fine; two at once are refused.
+    let v3 = package(fleet.work.path(), &fleet.key, "v3", true);
+    let first = fleet.start_rollout(&v3, &["--canary", "1"]);
+    let file = v3.file.display().to_string();
+    let (code, _, err) = fleet.cli(&["rollout", "start", "--service", "api", "--package", &file]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("409"),
+        "a second running rollout is refused with 409: {err}"
+    );
+    let (code, _, _) = fleet.cli(&["rollout", "watch", &first]);
+    assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_touches_no_other_node_and_the_previous_release_is_expected_again() {
+    let fleet = Fleet::start(6).await;
+    let sick = package(fleet.work.path(), &fleet.key, "v2", false);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &sick,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "2"],
+    );
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "a rolled-back rollout exits 1: {v}");
+    assert_eq!(v["phase"], "rolled_back");
+    let summary = v["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with(
+            "Rollout rolled back: 0/6 successful (0.0%), 0 failed, 5 skipped, 1 rolled back in "
+        ),
+        "{summary}"
+    );
+    assert_eq!(fleet.versions().await, vec![Some("id-v1".to_string()); 6]);
+    for a in &fleet.agents[1..] {
+        let info = a.client().version().await.expect("version");
+        assert!(
+            !info.releases.contains(&"id-v2".to_string()),
+            "node {} was touched",
+            a.url
+        );
+    }
+    let evs = fleet.events().await;
+    for n in &node_ids(&v)[1..] {
+        assert!(node_events(&evs, n).is_empty(), "{n} has events");
+    }
+    assert_eq!(
+        node_events(&evs, &node_ids(&v)[0]),
+        vec![
+            "worker_update_started",
+            "worker_version_checked",
+            "worker_backup_created",
+            "worker_rollback_started",
+            "worker_rollback_completed"
+        ]
+    );
+    assert_eq!(fleet.expected().await.release.version_id, "id-v1");
+    for root in &fleet.roots {
+        assert_eq!(snapshot(&root.join("current")), snapshot(&fleet.v1.src));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_failures_every_updated_node_is_rolled_back_byte_for_byte() {
+    let fleet = Fleet::start(6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    // Nodes 3 and 4 fail their health check on v2.
+    for i in [3, 4] {
+        std::fs::write(fleet.roots[i].join("sick-v2"), "x").expect("write");
+    }
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &[
+            "--agents",
+            &urls,
+            "--canary",
+            "1",
+            "--concurrency",
+            "2",
+            "--max-failures",
+            "1",
+        ],
+    );
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["phase"], "rolled_back", "{v}");
+    for (i, root) in fleet.roots.iter().enumerate() {
+        assert_eq!(current_id(root), "id-v1", "node {i}");
+        assert_eq!(
+            snapshot(&root.join("current")),
+            snapshot(&fleet.v1.src),
+            "node {i} is back on v1 byte for byte"
+        );
+    }
+    assert_eq!(fleet.versions().await, vec![Some("id-v1".to_string()); 6]);
+    let nodes = v["nodes"].as_array().expect("nodes");
+    for i in [0, 1, 2] {
+        assert_eq!(
+            nodes[i]["step"], "rolled_back",
+            "updated node {i} rolled back: {v}"
+        );
+    }
+    assert_eq!(fleet.expected().await.release.version_id, "id-v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_not_rollback_safe_freezes_with_a_critical_alert_and_a_retry_updates_only_the_rest()
+ {
+    let fleet = Fleet::start(4).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    std::fs::write(fleet.roots[2].join("sick-v2"), "x").expect("write");
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &[
+            "--agents",
+            &urls,
+            "--canary",
+            "1",
+            "--concurrency",
+            "1",
+            "--rollback-safe",
+            "false",
+        ],
+    );
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["phase"], "frozen", "{v}");
+    let steps: Vec<&str> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["step"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(steps, vec!["updated", "updated", "failed", "pending"]);
+    let evs = fleet.events().await;
+    assert!(
+        !evs.iter().any(|e| e.kind == "worker_rollback_started"),
+        "nothing is rolled back"
+    );
+    assert_eq!(current_id(&fleet.roots[0]), "id-v2", "what runs is kept");
+    assert_eq!(current_id(&fleet.roots[1]), "id-v2");
+    let alerts = fleet
+        .serve
+        .client(ADMIN_TOKEN)
+        .alerts("open", None, Some("api"), 100)
+        .await
+        .expect("alerts");
+    let a = alerts
+        .alerts
+        .iter()
+        .find(|a| a.message.contains(&format!("rollout {id}")))
+        .unwrap_or_else(|| panic!("a freeze alert: {:?}", alerts.alerts));
+    assert_eq!(a.severity, lockstep_core::Severity::Critical);
+    assert!(a.message.contains("id-v2"), "{}", a.message);
+    let failed_node = v["nodes"][2]["instance_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert!(a.message.contains(&failed_node), "{}", a.message);
+
+    // A person fixes the node and retries: only the nodes not on v2 are updated.
+    std::fs::remove_file(fleet.roots[2].join("sick-v2")).expect("rm");
+    let (code, out, err) = fleet.cli(&["rollout", "retry", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "{v}");
+    let attempts: Vec<i64> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["attempts"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![1, 1, 2, 1],
+        "updated nodes are not updated again"
+    );
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 4]);
+    let evs = fleet.events().await;
+    for n in &node_ids(&v)[..2] {
+        assert_eq!(
+            node_events(&evs, n)
+                .iter()
+                .filter(|k| **k == "worker_update_started")
+                .count(),
+            1,
+            "{n} updated once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_now_during_a_rollout_of_ten_agents_rolls_every_node_back_at_once() {
+    let fleet = Fleet::start(10).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "1"],
+    );
+    // Wait until a few nodes run v2.
+    let mut updated = 0;
+    for _ in 0..300 {
+        updated = fleet
+            .versions()
+            .await
+            .iter()
+            .filter(|v| v.as_deref() == Some("id-v2"))
+            .count();
+        if updated >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(updated >= 3, "the rollout did not progress");
+    let (code, out, err) = fleet.cli(&["rollback", "--now", "--service", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["phase"], "aborted", "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v1".to_string()); 10]);
+    assert_eq!(fleet.expected().await.release.version_id, "id-v1");
+    let evs = fleet.events().await;
+    let rb: Vec<_> = evs
+        .iter()
+        .filter(|e| e.kind == "worker_rollback_started")
+        .collect();
+    assert!(rb.len() >= 3, "{rb:?}");
+    assert!(rb.iter().all(|e| e.data["emergency"] == true));
+    // No canary phase after the emergency: no update starts once rolling back began.
+    let first_rb = rb[0].id;
+    assert!(
+        !evs.iter()
+            .any(|e| e.kind == "worker_update_started" && e.id > first_rb),
+        "an update started after the emergency rollback"
+    );
+}
+
+/// Lines of an agent's log saying an apply of `version` really started (an apply of the
+/// release already running answers `unchanged` without one).
+fn applies_of(agent: &AgentProc, version: &str) -> usize {
+    agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("apply started") && l.contains(version))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_mid_batch_hands_the_rollout_over_without_applying_any_node_twice() {
+    let Some(url) = lockstep_testkit::fresh_pg_url().await else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let replica = |name: &str| {
+        ServeProcess::spawn(
+            &lockstep_bin(),
+            &work.path().join(format!("data-{name}")),
+            &[
+                "--store",
+                &url,
+                "--replica-id",
+                name,
+                "--leader-lease",
+                "2s",
+                "--agent-token",
+                TOKEN,
+                "--instance-ttl",
+                "30s",
+            ],
+            &[],
+        )
+    };
+    let mut a = replica("ro-a");
+    let leader_is = |url: String, want: &'static str| async move {
+        let h: serde_json::Value = reqwest::get(format!("{url}/healthz"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (h["registry"]["leader"] == want).then_some(())
+    };
+    lockstep_testkit::eventually(Duration::from_secs(10), || leader_is(a.url.clone(), "ro-a"))
+        .await
+        .expect("A leads");
+    let b = replica("ro-b");
+    let b_url = b.url.clone();
+    // The fleet talks to B; A (the leader) drives the rollout.
+    let fleet = Fleet::with_serve(tempfile::tempdir().expect("tempdir"), b, 6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "2"],
+    );
+    // Kill A once a batch node is updating.
+    let api = reqwest::Client::new();
+    let mut seen = false;
+    for _ in 0..600 {
+        let v: serde_json::Value = api
+            .get(format!("{b_url}/v1/rollouts/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes[1..].iter().any(|n| n["step"] == "updating") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "no batch node was ever updating");
+    a.kill9();
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "B finishes the rollout: {v}");
+    assert_eq!(v["phase"], "completed");
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 6]);
+    for (i, agent) in fleet.agents.iter().enumerate() {
+        assert_eq!(
+            applies_of(agent, "id-v2"),
+            1,
+            "node {i} received the apply of v2 exactly once:\n{}",
+            agent.logs()
+        );
+    }
+    let evs = fleet.events().await;
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "worker_version_checked" && e.data["resumed"] == true),
+        "B resumed a node recorded as updating by checking its version first"
+    );
+}
