@@ -95,7 +95,8 @@ pub async fn start(
             }
             "package" | "update_package" => package = Some(bytes.to_vec()),
             "signature" => signature = Some(bytes.to_vec()),
-            other => return Err(bad(format!("unexpected multipart field {other:?}"))),
+            // Fields this version does not know are ignored, as unknown JSON fields are.
+            _ => {}
         }
     }
     let request = request.ok_or_else(|| bad("the multipart field `request` is missing"))?;

@@ -393,6 +393,27 @@ impl RegistryService {
     ) -> Result<RolloutView, RegistryError> {
         super::check_scope(&req.env, &req.service)?;
         lockstep_core::validate_version_id(&req.version_id)?;
+        for (what, v) in [
+            ("poll_secs", req.poll_secs),
+            ("timeout_secs", req.timeout_secs),
+        ] {
+            if !(0.0..=86_400.0).contains(&v) {
+                return Err(RegistryError::BadRequest(format!(
+                    "{what} must be between 0 and 86400, got {v}"
+                )));
+            }
+        }
+        for (what, v) in [
+            ("canary", req.canary),
+            ("concurrency", req.concurrency),
+            ("max_failures", req.max_failures),
+        ] {
+            if v > 100_000 {
+                return Err(RegistryError::BadRequest(format!(
+                    "{what} must be at most 100000, got {v}"
+                )));
+            }
+        }
         if package.is_empty() {
             return Err(RegistryError::BadRequest("the package is empty".into()));
         }
