@@ -1,6 +1,7 @@
 //! A JSON body extractor whose every rejection is a lockstep error body: 400 for malformed
 //! JSON or a missing field (with serde's explanation), 413 beyond the body cap, 415 for a
-//! multipart body. An empty body (or `null`) reads as `{}` where the type allows it.
+//! multipart body, 400 for anything but an object. An empty body (or `null`) reads as `{}`
+//! where the type allows it.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -45,6 +46,13 @@ where
             } else {
                 &bytes
             };
+        // Every body of the API is an object; serde would also read a struct from an array
+        // (`[]` as "every field absent"), which the description forbids.
+        if slice.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::BadRequest(
+                "malformed JSON body: expected a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(slice)
             .map(JsonBody)
             .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))

@@ -1081,3 +1081,37 @@ async fn any_token_may_list_the_registered_services_by_name() {
     let err = reg.client("lst_nope").services().await.expect_err("401");
     assert_eq!(err.status(), Some(401));
 }
+
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_a_400_even_where_every_field_is_optional() {
+    let reg = InProcessRegistry::start().await;
+    let admin = reg.admin();
+    admin
+        .put_release("production", "api", &release("v1"))
+        .await
+        .expect("v1");
+    admin
+        .put_release("production", "api", &release("v2"))
+        .await
+        .expect("v2");
+    for body in ["[]", "[1]", "\"x\"", "7"] {
+        let resp = http()
+            .post(format!(
+                "{}/v1/envs/production/services/api/rollback",
+                reg.url
+            ))
+            .bearer_auth(lockstep_testkit::ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    let still = admin.release("production", "api").await.expect("release");
+    assert_eq!(
+        still.map(|s| s.release.version_id).as_deref(),
+        Some("v2"),
+        "nothing was rolled back"
+    );
+}
