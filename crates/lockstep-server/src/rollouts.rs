@@ -33,14 +33,17 @@ pub struct ListQuery {
     pub limit: Option<u32>,
 }
 
-/// The multipart form of `POST /v1/rollouts` (for the OpenAPI document).
-#[derive(utoipa::ToSchema)]
+/// The multipart form of `POST /v1/rollouts` (for the OpenAPI document; `deny_unknown_fields`
+/// makes it say `additionalProperties: false`, which is what the handler means: it reads
+/// these three parts and no others).
+#[derive(utoipa::ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct StartRolloutForm {
     /// JSON of the rollout request.
     request: StartRollout,
     /// The package (`.tar.gz`).
-    #[schema(value_type = String, format = Binary)]
+    #[schema(value_type = String, format = Binary, min_length = 1)]
     package: Vec<u8>,
     /// Its detached signature.
     #[schema(value_type = Option<String>, format = Binary)]
@@ -95,8 +98,13 @@ pub async fn start(
             }
             "package" | "update_package" => package = Some(bytes.to_vec()),
             "signature" => signature = Some(bytes.to_vec()),
-            // Fields this version does not know are ignored, as unknown JSON fields are.
-            _ => {}
+            // A misspelled part would otherwise be dropped silently (a rollout without the
+            // signature it was meant to carry).
+            other => {
+                return Err(bad(format!(
+                    "unknown multipart field {other:?}: send `request`, `package` and `signature`"
+                )));
+            }
         }
     }
     let request = request.ok_or_else(|| bad("the multipart field `request` is missing"))?;
