@@ -6,11 +6,11 @@
 //! same numbers `/v1/status` reports, computed by the same rules.
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use lockstep_api::ErrorBody;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -40,34 +40,39 @@ impl RouteStats {
 /// HTTP request counts and latency per route.
 #[derive(Default)]
 pub struct HttpMetrics {
-    routes: RwLock<HashMap<(String, String), Arc<RouteStats>>>,
+    /// (method, route template, stats): a few dozen entries, scanned under a read lock.
+    routes: RwLock<Vec<(Method, String, Arc<RouteStats>)>>,
 }
 
 impl HttpMetrics {
-    fn route(&self, method: &str, path: &str) -> Option<Arc<RouteStats>> {
+    fn route(&self, method: &Method, path: &str) -> Option<Arc<RouteStats>> {
         // The read path allocates nothing; a route is inserted once.
-        if let Ok(g) = self.routes.read()
-            && let Some(s) = g
-                .iter()
-                .find(|((m, p), _)| m == method && p == path)
-                .map(|(_, s)| s.clone())
-        {
+        let find = |g: &[(Method, String, Arc<RouteStats>)]| {
+            g.iter()
+                .find(|(m, p, _)| m == method && p == path)
+                .map(|(_, _, s)| s.clone())
+        };
+        if let Some(s) = self.routes.read().ok().and_then(|g| find(&g)) {
             return Some(s);
         }
         let mut g = self.routes.write().ok()?;
-        Some(
-            g.entry((method.to_string(), path.to_string()))
-                .or_insert_with(|| Arc::new(RouteStats::new()))
-                .clone(),
-        )
+        if let Some(s) = find(&g) {
+            return Some(s);
+        }
+        let stats = Arc::new(RouteStats::new());
+        g.push((method.clone(), path.to_string(), stats.clone()));
+        Some(stats)
     }
 
     fn render(&self, out: &mut String) {
         let Ok(g) = self.routes.read() else {
             return;
         };
-        let mut routes: Vec<_> = g.iter().collect();
-        routes.sort_by(|a, b| a.0.cmp(b.0));
+        let mut routes: Vec<_> = g
+            .iter()
+            .map(|(m, p, s)| ((m.as_str(), p.as_str()), s))
+            .collect();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
         m::header(
             out,
             "lockstep_http_requests_total",
@@ -105,13 +110,11 @@ impl HttpMetrics {
 /// would give every instance id its own series).
 pub async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    // Both clones are cheap: `Method` is an enum, `MatchedPath` a shared string.
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let resp = next.run(req).await;
-    let path = route.as_deref().unwrap_or("unmatched");
+    let path = route.as_ref().map_or("unmatched", |p| p.as_str());
     if let Some(s) = st.http.route(&method, path) {
         let code = resp.status().as_u16() as usize;
         if let Some(n) = s.by_status.get(code.saturating_sub(100)) {

@@ -185,7 +185,6 @@ async fn metrics_parse_and_their_instance_counts_match_the_status_report() {
         .await
         .expect("hb");
     // "e" falls silent and goes missing after its 1 s TTL; the others keep heartbeating.
-    let keep = ["a", "b", "c", "d"];
     let missing = eventually(Duration::from_secs(10), || async {
         for (id, v) in [("a", "v2"), ("b", "v2"), ("c", "v1"), ("d", "v0")] {
             admin.heartbeat(&heartbeat(id, "api", v)).await.ok()?;
@@ -207,7 +206,6 @@ async fn metrics_parse_and_their_instance_counts_match_the_status_report() {
     })
     .await;
     assert!(missing.is_some(), "e went missing");
-    assert_eq!(keep.len(), 4);
 
     // Heartbeats stop while both are read, so both see the same fleet.
     let report = admin.status(None, None).await.expect("status");
