@@ -260,6 +260,8 @@ async fn dashboard_pages_and_filters_instances_worst_first() {
         )
         .await;
     }
+    // The stale one first: with web-0 alone, web would count as converged for a moment.
+    heartbeat(&reg, &worker, "web-1", "production", "web", "web-v0-old").await;
     heartbeat(
         &reg,
         &worker,
@@ -269,7 +271,6 @@ async fn dashboard_pages_and_filters_instances_worst_first() {
         "web-v1-bbbbbbbb",
     )
     .await;
-    heartbeat(&reg, &worker, "web-1", "production", "web", "web-v0-old").await;
     heartbeat(&reg, &worker, "stg-0", "staging", "api", "api-v1-aaaaaaaa").await;
     heartbeat(&reg, &worker, "orphan", "staging", "batch", "x1").await;
 

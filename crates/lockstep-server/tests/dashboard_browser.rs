@@ -171,13 +171,24 @@ async fn a_new_release_shows_stale_instances_in_the_open_dashboard_within_two_se
         .await;
     assert!(alert_shown.is_some(), "an alert within 2 s of the release");
     screenshot(&b, "dashboard.png").await;
-    b.client
-        .find(fantoccini::Locator::Css("#alerts li.alert button.ack"))
-        .await
-        .expect("acknowledge button")
-        .click()
-        .await
-        .expect("click acknowledge");
+    // The live page may re-render the feed between finding the button and clicking it;
+    // find it again then.
+    let mut clicked = Err(String::new());
+    for _ in 0..20 {
+        clicked = match b
+            .client
+            .find(fantoccini::Locator::Css("#alerts li.alert button.ack"))
+            .await
+        {
+            Ok(button) => button.click().await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if clicked.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    clicked.expect("click acknowledge");
     let acked = b
         .until(
             "document.querySelectorAll('#alerts li.alert .acked').length > 0",

@@ -183,6 +183,8 @@ async fn a_missing_instance_is_critical_at_once_and_resolves_when_deregistered()
     svc.deregister("gone-1", "worker")
         .await
         .expect("deregister");
-    assert_eq!(check(&svc, t0 + ttl * 3).await.expect("check"), 1);
+    // The detector's own task may get there first (a deregistration wakes it), so the
+    // outcome is what counts, not which check resolved it.
+    check(&svc, t0 + ttl * 3).await.expect("check");
     assert!(open_alerts(&svc).await.is_empty());
 }
