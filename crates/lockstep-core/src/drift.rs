@@ -72,6 +72,11 @@ pub enum Condition {
     Stale,
     /// Stopped heartbeating.
     Missing,
+    /// A rollout of a release that is not rollback-safe failed and froze: nothing was
+    /// rolled back, a person must decide (raised by the rollout coordinator, on the rollout
+    /// — `instance_id` `rollout-<id>` — not by the drift detector, which leaves it alone).
+    #[serde(rename = "rollout_frozen")]
+    RolloutFrozen,
 }
 
 impl Condition {
@@ -80,7 +85,14 @@ impl Condition {
         match self {
             Condition::Stale => "stale",
             Condition::Missing => "missing",
+            Condition::RolloutFrozen => "rollout_frozen",
         }
+    }
+
+    /// Whether the drift detector owns alerts of this condition (opens, escalates and
+    /// resolves them from what it observes).
+    pub fn is_drift(self) -> bool {
+        matches!(self, Condition::Stale | Condition::Missing)
     }
 
     /// Parses a wire name.
@@ -88,6 +100,7 @@ impl Condition {
         match s {
             "stale" => Some(Condition::Stale),
             "missing" => Some(Condition::Missing),
+            "rollout_frozen" => Some(Condition::RolloutFrozen),
             _ => None,
         }
     }
@@ -239,7 +252,8 @@ pub enum AlertAction {
 /// escalate in place what crossed a higher one (never lower a severity: a new release
 /// resetting the drift does not make an old problem less urgent), resolve what is no longer
 /// observed. An observation below every threshold keeps an open alert open. The result is
-/// sorted by instance id, then condition, so it is the same on every replica.
+/// sorted by instance id, then condition, so it is the same on every replica. Open alerts
+/// of a condition the detector does not own (a frozen rollout's) are left alone.
 pub fn plan_alerts(
     open: &[OpenAlert],
     observed: &[Observation],
@@ -273,7 +287,7 @@ pub fn plan_alerts(
             Some(_) => {}
         }
     }
-    for a in open {
+    for a in open.iter().filter(|a| a.condition.is_drift()) {
         if !seen.contains(&(a.instance_id.as_str(), a.condition)) {
             out.push(AlertAction::Resolve {
                 instance_id: a.instance_id.clone(),
@@ -307,6 +321,24 @@ fn key_of(a: &AlertAction) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drift_plan_never_resolves_a_frozen_rollouts_alert() {
+        let open = [OpenAlert {
+            instance_id: "rollout-7".into(),
+            condition: Condition::RolloutFrozen,
+            severity: Severity::Critical,
+        }];
+        assert_eq!(plan_alerts(&open, &[], &source_system()), vec![]);
+        assert_eq!(
+            serde_json::to_value(Condition::RolloutFrozen).expect("json"),
+            "rollout_frozen"
+        );
+        assert_eq!(
+            Condition::parse("rollout_frozen"),
+            Some(Condition::RolloutFrozen)
+        );
+    }
 
     const M: u64 = 60;
 

@@ -75,6 +75,8 @@ fn message(s: &Seen) -> String {
             short_id(&i.version_id),
             drift
         ),
+        // Never observed here (the rollout coordinator raises it with its own message).
+        Condition::RolloutFrozen => format!("{}/{} rollout frozen", i.env, i.service),
     }
 }
 

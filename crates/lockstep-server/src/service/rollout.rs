@@ -1205,7 +1205,7 @@ async fn raise_frozen_alert(
         worker_id: format!("rollout-{}", r.id),
         env: r.env.clone(),
         service: r.service.clone(),
-        condition: Condition::Stale,
+        condition: Condition::RolloutFrozen,
         severity: Severity::Critical,
         state: AlertState::Open,
         drift_secs: 0,
