@@ -89,9 +89,17 @@ pub struct RollbackRequest {
     /// Roll back even from a release marked `rollback_safe: false`.
     #[serde(default)]
     pub force: bool,
-    /// Skip canary and analysis (the emergency path); recorded in the event.
+    /// Skip canary and analysis (the emergency path); recorded in the event. Also stops a
+    /// running rollout of the service, or — after its latest rollout completed, while that
+    /// rollout's release is still expected — tells every node it updated to roll back, all
+    /// at once.
     #[serde(default)]
     pub now: bool,
+    /// With `now`: at most this many nodes rolling back at once (default: all); ignored
+    /// without `now`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub concurrency: Option<u32>,
 }
 
 fn default_env() -> String {

@@ -417,6 +417,7 @@ Examples:
   lockstep rollback --service api                 # the release before the current one
   lockstep history --service api                  # find the version id to go back to
   lockstep rollback --service api --to 3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f --reason 'bad migration'
+  lockstep rollback --now --service api --concurrency 5   # and the nodes of its rollout
 
 A rollback takes effect at once: instances on any other release are told they are stale within
 their watch (milliseconds) and refuse work. Rolling back from a release marked not rollback-safe
@@ -427,11 +428,15 @@ pub struct RollbackArgs {
     /// The version id to make expected (default: the previous release).
     #[arg(long)]
     to: Option<String>,
-    /// Record this as an emergency rollback in the event log. Every rollback is immediate
-    /// today (there are no canary stages yet to skip); once staged rollouts exist, --now
-    /// will skip them.
+    /// The emergency path: also stop a running rollout of the service and roll every node
+    /// it touched back at once — or, after its latest rollout completed, tell every node
+    /// that rollout updated to roll back — with no canary and no batches; recorded as an
+    /// emergency in the event log.
     #[arg(long)]
     now: bool,
+    /// With --now: at most this many nodes rolling back at once (default: all).
+    #[arg(long, requires = "now", value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: Option<u32>,
     /// Roll back even from a release marked not rollback-safe.
     #[arg(long)]
     force: bool,
@@ -453,6 +458,7 @@ pub async fn rollback(a: RollbackArgs) -> anyhow::Result<u8> {
         reason: a.reason,
         force: a.force,
         now: a.now,
+        concurrency: a.concurrency,
     };
     let stored = client
         .rollback(&a.svc.env, &a.svc.service, &body)

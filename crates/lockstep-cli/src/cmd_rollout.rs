@@ -27,11 +27,17 @@ Examples:
   lockstep rollout watch 12
   lockstep rollout watch 12 -o json | jq .summary")]
     Watch(IdArgs),
-    /// Stop a running rollout and roll back every node it touched.
+    /// Stop a running rollout and roll back every node it touched (--keep: roll nothing back).
     #[command(after_help = "\
 Examples:
-  lockstep rollout abort 12")]
-    Abort(IdArgs),
+  lockstep rollout abort 12
+  lockstep rollout abort 12 --keep && lockstep rollout retry 12
+
+Without --keep every node the rollout touched rolls back (at most --concurrency of the
+rollout at once) and the previous release is expected again. With --keep nothing is rolled
+back: the updated nodes stay on the new release, which stays expected with the previous one
+accepted, and no alert is raised; `rollout retry` later updates only the other nodes.")]
+    Abort(AbortArgs),
     /// Run an aborted or failed rollout again: only the nodes not on its release.
     #[command(after_help = "\
 Examples:
@@ -95,6 +101,21 @@ pub struct StartArgs {
 pub struct IdArgs {
     /// The rollout id (printed by `rollout start`).
     id: i64,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
+}
+
+/// `rollout abort`.
+#[derive(Args)]
+pub struct AbortArgs {
+    /// The rollout id (printed by `rollout start`).
+    id: i64,
+    /// Stop without rolling back: updated nodes keep the new release.
+    #[arg(long)]
+    keep: bool,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Output format.
@@ -176,10 +197,11 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<u8> {
         RolloutCommand::Watch(a) => watch(a).await,
         RolloutCommand::Abort(a) => {
             let api = Api::new(&a.registry)?;
+            let keep = if a.keep { "?keep=true" } else { "" };
             let v = api
                 .send(api.req(
                     reqwest::Method::POST,
-                    &format!("/v1/rollouts/{}/abort", a.id),
+                    &format!("/v1/rollouts/{}/abort{keep}", a.id),
                 ))
                 .await?;
             print_one(&v, a.output)?;

@@ -1261,7 +1261,9 @@ fn flags_are_consistent_across_subcommands() {
         );
     }
     let rollback = help(&["rollback"]);
-    assert!(rollback.contains("no canary stages yet"), "{rollback}");
+    // --now is the emergency path over a rollout's nodes, bounded by --concurrency.
+    assert!(rollback.contains("no canary and no batches"), "{rollback}");
+    assert!(rollback.contains("--concurrency"), "{rollback}");
     // --log-format is global: accepted before or after the subcommand.
     let o = lockstep(
         "http://127.0.0.1:9",

@@ -4,218 +4,14 @@
 //! rolling every updated node back byte for byte, a release that is not rollback-safe
 //! freezing with a critical alert, abort then retry, and `rollback --now`.
 
-use lockstep_agent::AgentClient;
-use lockstep_package::{CreateOptions, SigningKey, sign};
+mod support;
+
+use lockstep_package::SigningKey;
 use lockstep_testkit::{ADMIN_TOKEN, ServeProcess, lockstep_bin};
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-const TOKEN: &str = "agent-test-token-0123456789";
-
-/// Healthy when the release has a `healthy` file and the node's root has no
-/// `sick-<VERSION>` file (so one package can fail on chosen nodes only).
-const WORKER: &str = r#"
-import http.server, os, sys, threading, time
-port = int(sys.argv[1]); parent = os.getppid()
-version = open('VERSION').read().strip()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        ok = self.path != '/health' or (os.path.exists('healthy') and not os.path.exists('../../sick-' + version))
-        self.send_response(200 if ok else 500); self.end_headers()
-        self.wfile.write(version.encode() if ok else b'sick')
-    def log_message(self, *a): pass
-http.server.HTTPServer.allow_reuse_address = True
-srv = http.server.HTTPServer(('127.0.0.1', port), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-while os.getppid() == parent: time.sleep(0.05)
-"#;
-
-struct AgentProc {
-    child: Child,
-    url: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl AgentProc {
-    fn spawn(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> AgentProc {
-        let mut cmd = Command::new(lockstep_bin());
-        cmd.arg("agent")
-            .arg("--root")
-            .arg(root)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("LOCKSTEP_AGENT_TOKEN")
-            .env_remove(lockstep_agent::CRASH_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn lockstep agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut first = String::new();
-            let _ = BufReader::new(out).read_line(&mut first);
-            let _ = tx.send(first);
-        });
-        let first = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        let Some(url) = first.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            let log = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            panic!("agent did not start; first line {first:?}; stderr:\n{log}");
-        };
-        AgentProc {
-            url: url.to_string(),
-            child,
-            stderr,
-        }
-    }
-
-    fn client(&self) -> AgentClient {
-        AgentClient::new(&self.url, Some(TOKEN.into()))
-    }
-
-    fn logs(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A release tree: the worker, its VERSION, `healthy` unless told otherwise, an executable
-/// and enough files that "half unpacked" is a real state.
-fn release_tree(dir: &Path, version: &str, healthy: bool) {
-    std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
-    std::fs::create_dir_all(dir.join("data")).expect("mkdir");
-    std::fs::write(dir.join("worker.py"), WORKER).expect("write");
-    std::fs::write(dir.join("VERSION"), version).expect("write");
-    if healthy {
-        std::fs::write(dir.join("healthy"), "yes").expect("write");
-    }
-    std::fs::write(dir.join("bin/tool"), format!("#!/bin/sh\necho {version}\n")).expect("write");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
-    for i in 0..20 {
-        std::fs::write(
-            dir.join(format!("data/file-{i:02}")),
-            format!("{version} {i} ").repeat(200),
-        )
-        .expect("write");
-    }
-}
-
-struct Pkg {
-    src: PathBuf,
-    file: PathBuf,
-    sig: PathBuf,
-}
-
-fn package(work: &Path, key: &SigningKey, version: &str, healthy: bool) -> Pkg {
-    let src = work.join(format!("src-{version}"));
-    release_tree(&src, version, healthy);
-    let file = work.join(format!("{version}.tar.gz"));
-    let opts = CreateOptions {
-        service: "api".into(),
-        version: version.into(),
-        version_id: Some(format!("id-{version}")),
-        git_sha: Some(format!("sha-{version}")),
-        components: [("translator".to_string(), version.to_string())].into(),
-        ..CreateOptions::default()
-    };
-    lockstep_package::create(&src, &opts, &file).expect("create");
-    let sig = sign::sign_file(key, &file).expect("sign");
-    let sig_path = sign::sig_path(&file);
-    std::fs::write(&sig_path, sig.to_bytes()).expect("sig");
-    Pkg {
-        src,
-        file,
-        sig: sig_path,
-    }
-}
-
-fn keypair(work: &Path) -> (SigningKey, PathBuf) {
-    let key = sign::generate().expect("key");
-    let path = work.join("release-key");
-    let public = sign::write_keypair(&key, &path).expect("write");
-    (key, public)
-}
-
-/// Every file (contents) and link (target) under `dir`, without the manifest.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .expect("ls")
-            .map(|e| e.expect("entry").path())
-            .collect();
-        entries.sort();
-        for p in entries {
-            let rel = p.strip_prefix(base).expect("rel").display().to_string();
-            let meta = p.symlink_metadata().expect("meta");
-            if meta.is_dir() {
-                walk(base, &p, out);
-            } else if meta.file_type().is_symlink() {
-                let t = std::fs::read_link(&p).expect("link");
-                out.insert(rel, format!("-> {}", t.display()).into_bytes());
-            } else if rel != "lockstep-manifest.json" {
-                use std::os::unix::fs::PermissionsExt;
-                let mut body = std::fs::read(&p).expect("read");
-                body.extend(format!(" mode {:o}", meta.permissions().mode() & 0o111).bytes());
-                out.insert(rel, body);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    let real = std::fs::canonicalize(dir).expect("canonical");
-    walk(&real, &real, &mut out);
-    out
-}
-
-fn current_id(root: &Path) -> String {
-    std::fs::read_link(root.join("current"))
-        .expect("current is a symlink")
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned()
-}
+use support::agents::*;
 
 /// A registry, `n` agents heartbeating to it (service `api`), every node on `v1`.
 struct Fleet {
@@ -272,7 +68,9 @@ impl Fleet {
                 "--health-url",
                 &health,
                 "--health-timeout",
-                "4s",
+                // Room for a Python worker to start on a loaded machine (the tests run
+                // side by side, each with its own fleet); a sick node takes this long.
+                "8s",
                 "--grace",
                 "1s",
                 "--service",
@@ -878,7 +676,11 @@ fn marks(status: &serde_json::Value, id: &str) -> Vec<(String, String, Option<St
         .flatten()
         .flat_map(|e| e["services"].as_array().into_iter().flatten())
         .flat_map(|s| s["instances"].as_array().into_iter().flatten())
-        .filter(|i| i["rollout"]["id"].as_i64().is_some_and(|n| n.to_string() == id))
+        .filter(|i| {
+            i["rollout"]["id"]
+                .as_i64()
+                .is_some_and(|n| n.to_string() == id)
+        })
         .map(|i| {
             (
                 i["endpoint"].as_str().unwrap_or_default().to_string(),
@@ -1000,4 +802,215 @@ async fn status_and_verify_tell_a_node_waiting_for_its_batch_from_one_that_faile
         table.contains("failed \u{2014} health check failed"),
         "{table}"
     );
+}
+
+/// Waits until at least `n` agents run `version`; answers how many do.
+async fn wait_until_on(fleet: &Fleet, version: &str, n: usize) -> usize {
+    let mut on = 0;
+    for _ in 0..600 {
+        on = fleet
+            .versions()
+            .await
+            .iter()
+            .filter(|v| v.as_deref() == Some(version))
+            .count();
+        if on >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    on
+}
+
+/// Runs `verify --service api` until it passes (heartbeats report a new release within a
+/// beat); answers whether it did.
+async fn verified(fleet: &Fleet) -> bool {
+    for _ in 0..50 {
+        if fleet.cli(&["verify", "--service", "api"]).0 == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_keep_then_retry_updates_only_the_remaining_nodes_each_agent_applying_once() {
+    let fleet = Fleet::start(6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "1"],
+    );
+    assert!(
+        wait_until_on(&fleet, "id-v2", 2).await >= 2,
+        "the rollout did not progress"
+    );
+    let (code, out, err) = fleet.cli(&["rollout", "abort", &id, "--keep"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "an aborted rollout exits 1: {v}");
+    assert_eq!(v["phase"], "aborted", "{v}");
+    assert_eq!(v["outcome"], "aborted", "{v}");
+    let steps: Vec<String> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["step"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let kept = steps.iter().filter(|s| *s == "updated").count();
+    assert!(kept >= 2, "{steps:?}");
+    assert!(
+        steps.iter().all(|s| s == "updated" || s == "pending"),
+        "nothing rolled back, nothing failed: {steps:?}"
+    );
+    // What runs is kept; the new release stays expected with the previous one accepted.
+    let versions = fleet.versions().await;
+    assert_eq!(
+        versions
+            .iter()
+            .filter(|v| v.as_deref() == Some("id-v2"))
+            .count(),
+        kept,
+        "{versions:?}"
+    );
+    let expected = fleet.expected().await;
+    assert_eq!(expected.release.version_id, "id-v2");
+    assert_eq!(expected.release.accepts, vec!["id-v1".to_string()]);
+    let evs = fleet.events().await;
+    assert!(
+        !evs.iter().any(|e| e.kind == "worker_rollback_started"),
+        "abort --keep rolls nothing back"
+    );
+    let alerts = fleet
+        .serve
+        .client(ADMIN_TOKEN)
+        .alerts("open", None, Some("api"), 100)
+        .await
+        .expect("alerts");
+    assert!(alerts.alerts.is_empty(), "no alert: {:?}", alerts.alerts);
+
+    let (code, out, err) = fleet.cli(&["rollout", "retry", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 6]);
+    for (i, agent) in fleet.agents.iter().enumerate() {
+        assert_eq!(
+            applies_of(agent, "id-v2"),
+            1,
+            "node {i} received the apply of v2 exactly once:\n{}",
+            agent.logs()
+        );
+    }
+    for (n, step) in v["nodes"].as_array().expect("nodes").iter().zip(&steps) {
+        if step == "updated" {
+            assert_eq!(n["attempts"], 1, "a kept node is not updated again: {n}");
+        }
+    }
+    assert!(verified(&fleet).await, "verify never passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_abort_rolls_back_and_a_retry_then_puts_every_node_on_the_new_release() {
+    let fleet = Fleet::start(4).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "1"],
+    );
+    assert!(
+        wait_until_on(&fleet, "id-v2", 2).await >= 2,
+        "the rollout did not progress"
+    );
+    let (code, out, err) = fleet.cli(&["rollout", "abort", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["phase"], "aborted", "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v1".to_string()); 4]);
+    assert_eq!(fleet.expected().await.release.version_id, "id-v1");
+
+    let (code, out, err) = fleet.cli(&["rollout", "retry", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["phase"], "completed", "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 4]);
+    let expected = fleet.expected().await;
+    assert_eq!(expected.release.version_id, "id-v2");
+    assert!(expected.release.accepts.is_empty());
+    assert!(verified(&fleet).await, "verify never passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_now_after_a_completed_rollout_rolls_every_agent_back_at_most_two_at_once() {
+    let fleet = Fleet::start(6).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &["--agents", &urls, "--canary", "1", "--concurrency", "3"],
+    );
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v2".to_string()); 6]);
+    let before = fleet.events().await.last().map_or(0, |e| e.id);
+
+    let (code, out, err) = fleet.cli(&[
+        "rollback",
+        "--now",
+        "--service",
+        "api",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        fleet.expected().await.release.version_id,
+        "id-v1",
+        "the previous release is expected at once"
+    );
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["phase"], "aborted", "{v}");
+    assert_eq!(fleet.versions().await, vec![Some("id-v1".to_string()); 6]);
+    for (i, root) in fleet.roots.iter().enumerate() {
+        assert_eq!(current_id(root), "id-v1", "node {i}");
+        assert_eq!(
+            snapshot(&root.join("current")),
+            snapshot(&fleet.v1.src),
+            "node {i} is back on v1 byte for byte"
+        );
+    }
+    let evs: Vec<_> = fleet
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.id > before)
+        .collect();
+    let started = evs
+        .iter()
+        .filter(|e| e.kind == "worker_rollback_started")
+        .count();
+    assert_eq!(started, 6, "every updated node rolled back");
+    let mut busy = 0;
+    let mut most = 0;
+    for e in &evs {
+        match e.kind.as_str() {
+            "worker_rollback_started" => {
+                assert_eq!(e.data["emergency"], true, "{e:?}");
+                busy += 1;
+                most = most.max(busy);
+            }
+            "worker_rollback_completed" | "rollout_node_failed" => busy -= 1,
+            "worker_update_started" => panic!("an update after the emergency rollback: {e:?}"),
+            "rollout_phase" => assert_ne!(e.data["phase"], "canary", "no canary phase: {e:?}"),
+            _ => {}
+        }
+    }
+    assert!(most <= 2, "{most} rollbacks in flight with --concurrency 2");
+    assert!(verified(&fleet).await, "verify never passed");
 }

@@ -10,4 +10,4 @@
 
 pub mod plan;
 
-pub use plan::{Action, Decision, NodeStep, Outcome, Phase, Settings, Summary};
+pub use plan::{Action, Decision, NodeStep, Outcome, Phase, Settings, Stop, Summary};

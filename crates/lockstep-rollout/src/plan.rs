@@ -9,8 +9,9 @@
 //! `max_failures`, no new node is started and, when the in-flight ones have finished,
 //! `RollingBack` (every node the rollout touched is told to roll back, then `RolledBack`)
 //! or, for a release that is not rollback-safe, `Frozen` (nothing is rolled back; a person
-//! decides). `abort` and the emergency rollback enter `RollingBack` at once; the
-//! emergency one with no concurrency bound.
+//! decides). A person's [`stop`] enters `RollingBack` at once (an abort keeps the
+//! concurrency; the emergency rollback is bounded only by its own `concurrency`, default
+//! none), or — `Stop::Keep` — ends in `Aborted` without rolling anything back.
 
 use serde::{Deserialize, Serialize};
 
@@ -293,16 +294,49 @@ pub fn next(settings: &Settings, phase: Phase, nodes: &[NodeStep]) -> Decision {
     }
 }
 
-/// Stops a running rollout by a person's request: no new node; every touched node rolls
-/// back (`emergency`: all at once, without the concurrency bound — `rollback --now`).
-pub fn abort(settings: &Settings, nodes: &[NodeStep], emergency: bool) -> Decision {
-    let limit = (!emergency).then_some(settings.concurrency.max(1));
-    let mut actions = vec![Action::RestorePreviousRelease];
-    actions.extend(rollback_actions(nodes, limit));
-    Decision {
-        phase: Phase::RollingBack,
-        actions,
+/// How a person stops a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `rollout abort`: roll every touched node back, at most `concurrency` at once.
+    Abort,
+    /// `rollback --now`: roll every touched node back at once, bounded only by
+    /// `concurrency` (`None`: no bound).
+    Emergency {
+        /// At most this many rollbacks in flight.
+        concurrency: Option<usize>,
+    },
+    /// `rollout abort --keep`: start no new node and roll nothing back; the nodes in
+    /// flight finish their step, the updated ones stay on the new release.
+    Keep,
+}
+
+/// Decides what happens next for a rollout a person stopped ([`Stop`]). No new node is
+/// started; the previous release is restored once, when rolling back starts; once nothing
+/// is left to roll back (or, for `Keep`, nothing is in flight) the rollout is `Aborted`.
+/// Idempotent like [`next`]: call it after every recorded step.
+pub fn stop(settings: &Settings, phase: Phase, nodes: &[NodeStep], how: Stop) -> Decision {
+    let busy = nodes.iter().any(NodeStep::in_flight);
+    let limit = match how {
+        Stop::Keep => {
+            return Decision {
+                phase: if busy { phase } else { Phase::Aborted },
+                actions: Vec::new(),
+            };
+        }
+        Stop::Abort => Some(settings.concurrency.max(1)),
+        Stop::Emergency { concurrency } => concurrency.map(|c| c.max(1)),
+    };
+    let mut actions = Vec::new();
+    if phase != Phase::RollingBack {
+        actions.push(Action::RestorePreviousRelease);
     }
+    actions.extend(rollback_actions(nodes, limit));
+    let phase = if phase == Phase::RollingBack && actions.is_empty() && !busy {
+        Phase::Aborted
+    } else {
+        Phase::RollingBack
+    };
+    Decision { phase, actions }
 }
 
 /// The nodes a retry updates: every node not on the new release, back to `Pending`; the
@@ -477,11 +511,13 @@ mod tests {
         assert_eq!(d.actions, vec![Action::Update(1)], "one slot left of two");
     }
 
+    const EMERGENCY: Stop = Stop::Emergency { concurrency: None };
+
     #[test]
     fn the_emergency_rollback_tells_every_touched_node_at_once() {
         let s = settings(1, 1, 0);
         let nodes = vec![Updated, Updated, Updated, Updating, Pending];
-        let d = abort(&s, &nodes, true);
+        let d = stop(&s, Phase::Batches, &nodes, EMERGENCY);
         assert_eq!(d.phase, Phase::RollingBack);
         assert_eq!(
             d.actions,
@@ -492,12 +528,119 @@ mod tests {
                 Action::Rollback(2)
             ]
         );
-        let gentle = abort(&s, &nodes, false);
+        let gentle = stop(&s, Phase::Batches, &nodes, Stop::Abort);
         assert_eq!(
-            gentle.actions.len(),
-            1,
-            "an ordinary abort keeps the concurrency: {gentle:?}"
+            gentle.actions,
+            vec![Action::RestorePreviousRelease],
+            "an ordinary abort keeps the concurrency: the node in flight holds the one slot"
         );
+    }
+
+    #[test]
+    fn the_emergency_rollback_is_bounded_only_by_its_own_concurrency() {
+        let s = settings(1, 1, 0);
+        let nodes = vec![Updated; 6];
+        let two = Stop::Emergency {
+            concurrency: Some(2),
+        };
+        let d = stop(&s, Phase::Completed, &nodes, two);
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::RestorePreviousRelease,
+                Action::Rollback(0),
+                Action::Rollback(1)
+            ]
+        );
+        // Two in flight: nothing more until one finishes; then one more.
+        let mut nodes = nodes;
+        nodes[0] = RollingBack;
+        nodes[1] = RollingBack;
+        assert_eq!(stop(&s, Phase::RollingBack, &nodes, two).actions, vec![]);
+        nodes[0] = RolledBack;
+        assert_eq!(
+            stop(&s, Phase::RollingBack, &nodes, two).actions,
+            vec![Action::Rollback(2)]
+        );
+    }
+
+    /// Runs a stopped rollout to its end; every rollback succeeds. Answers the final phase,
+    /// the steps and the most rollbacks ever in flight.
+    fn run_stop(
+        s: &Settings,
+        mut phase: Phase,
+        mut nodes: Vec<NodeStep>,
+        how: Stop,
+    ) -> (Phase, Vec<NodeStep>, usize) {
+        let mut most = 0;
+        for _ in 0..100 {
+            let d = stop(s, phase, &nodes, how);
+            phase = d.phase;
+            for a in &d.actions {
+                match a {
+                    Action::Rollback(i) => nodes[*i] = RollingBack,
+                    Action::Update(_) => panic!("a stopped rollout started an update"),
+                    _ => {}
+                }
+            }
+            most = most.max(nodes.iter().filter(|n| **n == RollingBack).count());
+            if phase.is_final() {
+                break;
+            }
+            // One step in flight finishes per round.
+            if let Some(n) = nodes
+                .iter_mut()
+                .find(|n| matches!(n, RollingBack | Updating))
+            {
+                *n = if *n == Updating { Updated } else { RolledBack };
+            }
+        }
+        (phase, nodes, most)
+    }
+
+    #[test]
+    fn a_stopped_rollout_rolls_back_every_touched_node_then_ends_aborted() {
+        let s = settings(1, 3, 0);
+        let start = vec![Updated, Updated, Updating, failed(), Pending];
+        for (how, bound) in [
+            (Stop::Abort, 3),
+            (EMERGENCY, 5),
+            (
+                Stop::Emergency {
+                    concurrency: Some(1),
+                },
+                1,
+            ),
+        ] {
+            let (phase, nodes, most) = run_stop(&s, Phase::Batches, start.clone(), how);
+            assert_eq!(phase, Phase::Aborted, "{how:?}");
+            assert_eq!(
+                nodes,
+                vec![RolledBack, RolledBack, RolledBack, RolledBack, Pending],
+                "{how:?}"
+            );
+            assert!(most <= bound, "{how:?}: {most} rollbacks at once");
+        }
+    }
+
+    #[test]
+    fn abort_keep_rolls_nothing_back_and_ends_once_nothing_is_in_flight() {
+        let s = settings(1, 3, 0);
+        let nodes = vec![Updated, Updating, Pending];
+        let d = stop(&s, Phase::Batches, &nodes, Stop::Keep);
+        assert_eq!(
+            d,
+            Decision {
+                phase: Phase::Batches,
+                actions: vec![]
+            },
+            "the node in flight finishes first"
+        );
+        let (phase, nodes, most) = run_stop(&s, Phase::Batches, nodes, Stop::Keep);
+        assert_eq!(phase, Phase::Aborted);
+        assert_eq!(nodes, vec![Updated, Updated, Pending]);
+        assert_eq!(most, 0, "nothing rolled back");
+        assert_eq!(retry(&nodes), vec![Updated, Updated, Pending]);
     }
 
     #[test]

@@ -145,10 +145,18 @@ pub async fn rollback(
     Path((env, svc)): Path<(String, String)>,
     JsonBody(body): JsonBody<RollbackRequest>,
 ) -> Result<Json<StoredRelease>, ApiError> {
+    if let Some(c) = body.concurrency
+        && !(1..=100_000).contains(&c)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "concurrency must be between 1 and 100000, got {c}"
+        )));
+    }
     if body.now {
-        // `rollback --now` also stops a running rollout of the service, every node at once.
+        // `rollback --now` also stops a running rollout of the service (or rolls back the
+        // nodes of the one that just completed), every node at once.
         st.service
-            .emergency_rollback_rollout(&env, &svc, &who.name)
+            .emergency_rollback_rollout(&env, &svc, body.concurrency.map(|c| c as usize), &who.name)
             .await?;
     }
     let stored = st.service.rollback(&env, &svc, body, &who.name).await?;

@@ -16,6 +16,7 @@ use crate::auth::{self, Auth};
 use crate::error::ApiError;
 use crate::service::rollout::{RolloutView, StartRollout};
 use crate::state::AppState;
+use lockstep_rollout::plan::Stop;
 
 /// `GET /v1/rollouts`.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -48,6 +49,16 @@ pub struct StartRolloutForm {
     /// Its detached signature.
     #[schema(value_type = Option<String>, format = Binary)]
     signature: Option<Vec<u8>>,
+}
+
+/// Query of `POST /v1/rollouts/{id}/abort`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AbortQuery {
+    /// `true`: stop without rolling back — the updated nodes stay on the new release, which
+    /// stays expected with the previous one accepted; `rollout retry` then updates only
+    /// the rest. Default `false`: roll back every node the rollout touched.
+    pub keep: Option<bool>,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -167,25 +178,32 @@ pub async fn get(
         .ok_or_else(|| not_found(id))
 }
 
-/// Stops a running rollout and rolls back every node it touched.
+/// Stops a running rollout and rolls back every node it touched (`?keep=true`: stops
+/// without rolling anything back).
 #[utoipa::path(post, path = "/v1/rollouts/{id}/abort", tag = "rollouts", operation_id = "abort_rollout",
-    params(("id" = i64, Path, description = "the rollout id")),
+    params(("id" = i64, Path, description = "the rollout id"), AbortQuery),
     responses(
         (status = 200, description = "the rollout, its abort requested", body = RolloutView),
-        (status = 400, description = "`bad_request`: the id is not a number", body = ErrorBody),
+        (status = 400, description = "`bad_request`: the id is not a number, or `keep` not a boolean", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the deployer role", body = ErrorBody),
         (status = 404, description = "`not_found`: no such rollout", body = ErrorBody),
-        (status = 409, description = "`conflict`: it is not running", body = ErrorBody),
+        (status = 409, description = "`conflict`: it is not running (or, with `keep`, already rolling back)", body = ErrorBody),
         (status = 503, description = "`service_unavailable`: the store is unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn abort(
     Auth(who, _): Auth<auth::Deployer>,
     State(st): State<Arc<AppState>>,
     Path(id): Path<i64>,
+    Query(q): Query<AbortQuery>,
 ) -> Result<Json<RolloutView>, ApiError> {
+    let how = if q.keep.unwrap_or(false) {
+        Stop::Keep
+    } else {
+        Stop::Abort
+    };
     st.service
-        .abort_rollout(id, false, &who.name)
+        .abort_rollout(id, how, &who.name)
         .await?
         .map(Json)
         .ok_or_else(|| not_found(id))

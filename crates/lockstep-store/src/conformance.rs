@@ -1316,6 +1316,7 @@ async fn rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store: &
         .restart_rollout(
             r.id,
             "batches",
+            None,
             vec![(1, serde_json::json!({"step": "pending"}))],
         )
         .await
@@ -1332,6 +1333,7 @@ async fn rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store: &
             .restart_rollout(
                 r.id,
                 "batches",
+                None,
                 vec![(0, serde_json::json!({"step": "pending"}))]
             )
             .await
@@ -1366,7 +1368,7 @@ async fn rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store: &
     assert_eq!(first.endpoint, "http://127.0.0.1:9000");
     assert!(
         !store
-            .restart_rollout(9_999_999, "batches", vec![])
+            .restart_rollout(9_999_999, "batches", None, vec![])
             .await
             .expect("restart")
     );

@@ -362,12 +362,15 @@ pub trait Store: Send + Sync + 'static {
     /// Records a person's request (`abort`, `emergency`) on a running rollout for the
     /// coordinator to act on; false when it is not running.
     async fn request_rollout(&self, id: i64, request: &str) -> Result<bool, StoreError>;
-    /// Runs a finished rollout again from `phase` with the given node steps; false when
-    /// there is no such rollout, `Conflict` when another rollout of the service runs.
+    /// Runs a finished rollout again from `phase` with the given node steps (the others
+    /// keep theirs) and `request` pending (a retry: none; `rollback --now` after the
+    /// rollout completed: the emergency rollback); false when there is no such rollout,
+    /// `Conflict` when another rollout of the service runs.
     async fn restart_rollout(
         &self,
         id: i64,
         phase: &str,
+        request: Option<&str>,
         steps: Vec<(i64, serde_json::Value)>,
     ) -> Result<bool, StoreError>;
 

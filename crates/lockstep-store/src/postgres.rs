@@ -1509,10 +1509,11 @@ impl Store for PgStore {
         &self,
         id: i64,
         phase: &str,
+        request: Option<&str>,
         steps: Vec<(i64, serde_json::Value)>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.log_tx().await?;
-        let done = rops::restart(&mut tx, id, phase, &steps).await?;
+        let done = rops::restart(&mut tx, id, phase, request, &steps).await?;
         self.commit(tx).await?;
         Ok(done)
     }

@@ -402,12 +402,13 @@ macro_rules! rollout_ops {
             Ok(n > 0)
         }
 
-        /// Starts a finished rollout again in `phase` with the given node steps; `Conflict`
-        /// when another rollout of the service runs.
+        /// Starts a finished rollout again in `phase` with the given node steps and
+        /// `request` pending; `Conflict` when another rollout of the service runs.
         pub(crate) async fn restart(
             tx: &mut Tx<'_>,
             id: i64,
             phase: &str,
+            request: Option<&str>,
             steps: &[(i64, serde_json::Value)],
         ) -> Result<bool, StoreError> {
             let have: Option<(String, String)> =
@@ -425,10 +426,11 @@ macro_rules! rollout_ops {
                 set_step(tx, id, *idx, step, false).await?;
             }
             sqlx::query(
-                "UPDATE rollouts SET phase = $1, running = 1, request = NULL, \
-                 finished_ms = NULL, updated_ms = $2 WHERE id = $3",
+                "UPDATE rollouts SET phase = $1, running = 1, request = $2, \
+                 finished_ms = NULL, updated_ms = $3 WHERE id = $4",
             )
             .bind(phase)
+            .bind(request)
             .bind(now_ms())
             .bind(id)
             .execute(&mut **tx)

@@ -1098,10 +1098,11 @@ impl Store for SqliteStore {
         &self,
         id: i64,
         phase: &str,
+        request: Option<&str>,
         steps: Vec<(i64, serde_json::Value)>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
-        let done = rops::restart(&mut tx, id, phase, &steps).await?;
+        let done = rops::restart(&mut tx, id, phase, request, &steps).await?;
         self.commit(tx).await?;
         Ok(done)
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use lockstep_agent::{AgentClient, ClientError};
 use lockstep_api::{Alert, AlertState, InstanceRollout, PutRelease, RollbackRequest, RolloutStep};
 use lockstep_core::{Condition, Release, Severity, short_id};
-use lockstep_rollout::plan::{self, Action, NodeStep, Phase, Settings, Summary};
+use lockstep_rollout::plan::{self, Action, NodeStep, Phase, Settings, Stop, Summary};
 use lockstep_store::{AlertWrite, NewEvent, NewRollout, NewRolloutNode, Rollout, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -159,7 +159,8 @@ pub struct RolloutView {
     pub phase: String,
     /// Whether it still runs.
     pub running: bool,
-    /// A request not yet acted on (`abort`, `emergency`).
+    /// A person's request being acted on: `abort`, `keep` (abort without rolling back),
+    /// `emergency` or `emergency:N` (`rollback --now`, at most N rollbacks at once).
     pub request: Option<String>,
     /// Settings.
     #[schema(value_type = Object)]
@@ -389,6 +390,37 @@ impl Rollouts {
             self.node_rollbacks.load(Ordering::Relaxed)
         );
     }
+}
+
+/// A person's request as stored in `Rollout.request`.
+fn request_name(how: Stop) -> String {
+    match how {
+        Stop::Abort => "abort".into(),
+        Stop::Keep => "keep".into(),
+        Stop::Emergency { concurrency: None } => "emergency".into(),
+        Stop::Emergency {
+            concurrency: Some(n),
+        } => format!("emergency:{n}"),
+    }
+}
+
+/// Reads a stored request back (an unknown one is an ordinary abort: it stops, and rolls
+/// back within the rollout's concurrency).
+fn parse_request(s: &str) -> Stop {
+    match s {
+        "keep" => Stop::Keep,
+        "emergency" => Stop::Emergency { concurrency: None },
+        s => match s.strip_prefix("emergency:") {
+            Some(n) => Stop::Emergency {
+                concurrency: n.parse().ok(),
+            },
+            None => Stop::Abort,
+        },
+    }
+}
+
+fn is_emergency(request: Option<&str>) -> bool {
+    request.is_some_and(|r| matches!(parse_request(r), Stop::Emergency { .. }))
 }
 
 fn step_of(v: &serde_json::Value) -> NodeStep {
@@ -699,20 +731,27 @@ impl RegistryService {
         Ok(out)
     }
 
-    /// Asks the coordinator to stop a running rollout and roll it back (`emergency`: every
-    /// node at once). `None` when there is no such rollout; `BadRequest` when it is not
-    /// running.
+    /// Asks the coordinator to stop a running rollout: roll it back (`Stop::Abort`, or
+    /// `Stop::Emergency`: every touched node at once, bounded only by its concurrency), or
+    /// stop without rolling back (`Stop::Keep`: the updated nodes stay on the new release,
+    /// which stays expected with the previous one accepted; no alert). `None` when there is
+    /// no such rollout; `Conflict` when it is not running (or, for `Keep`, already rolling
+    /// back).
     pub async fn abort_rollout(
         &self,
         id: i64,
-        emergency: bool,
+        how: Stop,
         actor: &str,
     ) -> Result<Option<RolloutView>, RegistryError> {
         let Some(r) = self.store.rollout(id).await? else {
             return Ok(None);
         };
-        let request = if emergency { "emergency" } else { "abort" };
-        if !self.store.request_rollout(id, request).await? {
+        if how == Stop::Keep && phase_of(&r.phase) == Phase::RollingBack {
+            return Err(RegistryError::Conflict(format!(
+                "rollout {id} is already rolling back; abort it without --keep"
+            )));
+        }
+        if !self.store.request_rollout(id, &request_name(how)).await? {
             return Err(RegistryError::Conflict(format!(
                 "rollout {id} is not running (phase {})",
                 r.phase
@@ -725,29 +764,86 @@ impl RegistryService {
                 service: Some(r.service.clone()),
                 actor: Some(actor.into()),
                 reason: None,
-                data: serde_json::json!({"rollout_id": id, "emergency": emergency}),
+                data: abort_data(id, how, false),
             })
             .await?;
+        tracing::info!(rollout = id, request = %request_name(how), actor, "rollout stop requested");
         self.rollouts.wake();
         self.rollout_view(id).await
     }
 
-    /// Stops the running rollout of a service the emergency way (`rollback --now`), if any;
-    /// answers its id.
+    /// `rollback --now` for the rollouts of a service: stops its running rollout the
+    /// emergency way; or, when its latest rollout completed and that rollout's release is
+    /// still the expected one, runs that rollout again as an emergency rollback of every
+    /// node it updated (no canary, no batches). At most `concurrency` rollbacks at once
+    /// (`None`: no bound). Answers the rollout's id, `None` when there is nothing to roll
+    /// back on the nodes (only the registry changes).
     pub async fn emergency_rollback_rollout(
         &self,
         env: &str,
         service: &str,
+        concurrency: Option<usize>,
         actor: &str,
     ) -> Result<Option<i64>, RegistryError> {
-        let running = self.store.rollouts(true, 1000).await?;
-        let Some(r) = running
+        if concurrency == Some(0) {
+            return Err(RegistryError::BadRequest(
+                "concurrency must be at least 1".into(),
+            ));
+        }
+        let how = Stop::Emergency { concurrency };
+        let recent = self.store.rollouts(false, 1000).await?;
+        let mut of_service = recent
             .into_iter()
-            .find(|r| r.env == env && r.service == service)
-        else {
+            .filter(|r| r.env == env && r.service == service);
+        let Some(latest) = of_service.next() else {
             return Ok(None);
         };
-        self.abort_rollout(r.id, true, actor).await?;
+        // A running rollout may be an older one retried: it goes first.
+        let running = std::iter::once(latest.clone())
+            .chain(of_service)
+            .find(|r| r.running);
+        if let Some(r) = running {
+            self.abort_rollout(r.id, how, actor).await?;
+            return Ok(Some(r.id));
+        }
+        let r = latest;
+        let expected = self.store.expected(env, service).await?;
+        let still = expected.is_some_and(|e| e.release.version_id == r.version_id);
+        if phase_of(&r.phase) != Phase::Completed || !still {
+            return Ok(None);
+        }
+        // Straight into rolling back, the request pending: the previous release is made
+        // expected by the caller at once, and the driver tells every updated node.
+        if !self
+            .store
+            .restart_rollout(
+                r.id,
+                &phase_name(Phase::RollingBack),
+                Some(&request_name(how)),
+                Vec::new(),
+            )
+            .await?
+        {
+            return Ok(None);
+        }
+        self.store
+            .append_event(NewEvent {
+                kind: "rollout_abort_requested".into(),
+                env: Some(r.env.clone()),
+                service: Some(r.service.clone()),
+                actor: Some(actor.into()),
+                reason: None,
+                data: abort_data(r.id, how, true),
+            })
+            .await?;
+        tracing::warn!(
+            rollout = r.id,
+            env,
+            service,
+            actor,
+            "emergency rollback of a completed rollout: its nodes are told to roll back"
+        );
+        self.rollouts.wake();
         Ok(Some(r.id))
     }
 
@@ -798,7 +894,7 @@ impl RegistryService {
         // A retry goes straight to batches: the canary ran in the first attempt.
         if !self
             .store
-            .restart_rollout(id, &phase_name(Phase::Batches), changes)
+            .restart_rollout(id, &phase_name(Phase::Batches), None, changes)
             .await?
         {
             return Ok(None);
@@ -862,6 +958,17 @@ pub async fn run(svc: Arc<RegistryService>, mut shutdown: watch::Receiver<bool>)
 
 /// What a finished node task reports (its step is in the store already).
 type Done = ();
+
+/// The data of a `rollout_abort_requested` event.
+fn abort_data(id: i64, how: Stop, after_completion: bool) -> serde_json::Value {
+    let (emergency, keep, concurrency) = match how {
+        Stop::Abort => (false, false, None),
+        Stop::Keep => (false, true, None),
+        Stop::Emergency { concurrency } => (true, false, concurrency),
+    };
+    serde_json::json!({"rollout_id": id, "emergency": emergency, "keep": keep,
+        "concurrency": concurrency, "after_completion": after_completion})
+}
 
 fn event(
     r: &Rollout,
@@ -978,26 +1085,7 @@ async fn drive(
 
         let request = r.request.as_deref();
         let decision = match request {
-            Some(req) => {
-                let emergency = req == "emergency";
-                let mut d = plan::abort(&settings.plan, &steps, emergency);
-                // Already rolling back for this request: do not restore twice.
-                if phase == Phase::RollingBack {
-                    d.actions.retain(|a| *a != Action::RestorePreviousRelease);
-                }
-                let busy_any = steps
-                    .iter()
-                    .any(|s| matches!(s, NodeStep::Updating | NodeStep::RollingBack));
-                if d.actions
-                    .iter()
-                    .all(|a| *a == Action::RestorePreviousRelease)
-                    && !busy_any
-                    && phase == Phase::RollingBack
-                {
-                    d.phase = Phase::Aborted;
-                }
-                d
-            }
+            Some(req) => plan::stop(&settings.plan, phase, &steps, parse_request(req)),
             None => plan::next(&settings.plan, phase, &steps),
         };
 
@@ -1113,7 +1201,7 @@ async fn drive(
                                 "worker_rollback_started",
                                 n,
                                 serde_json::json!({
-                                "emergency": request == Some("emergency")}),
+                                "emergency": is_emergency(request)}),
                             )],
                         )
                         .await?;
@@ -1143,7 +1231,8 @@ async fn drive(
                                     version_id: Some(prev.clone()),
                                     reason: Some(format!("rollout {} rolled back", r.id)),
                                     force: true,
-                                    now: request == Some("emergency"),
+                                    now: is_emergency(request),
+                                    concurrency: None,
                                 },
                                 "rollout",
                             )
