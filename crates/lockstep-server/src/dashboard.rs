@@ -457,13 +457,10 @@ async fn rollout_cards(st: &AppState) -> Result<Vec<RolloutCard>, lockstep_store
         .rollouts(false, u32::try_from(ROLLOUTS_SHOWN).unwrap_or(u32::MAX))
         .await?;
     let room = ROLLOUTS_SHOWN.saturating_sub(running);
-    rows.extend(
-        recent
-            .into_iter()
-            .filter(|r| !r.running)
-            .take(room),
-    );
-    rows.sort_by(|a, b| b.id.cmp(&a.id));
+    rows.extend(recent.into_iter().filter(|r| !r.running).take(room));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.id));
+    // One that finished between the two reads is in both.
+    rows.dedup_by_key(|r| r.id);
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let nodes = store.rollout_nodes(r.id).await?;

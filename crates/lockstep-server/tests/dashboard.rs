@@ -508,10 +508,18 @@ async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_fr
         .iter()
         .map(|n| n["step"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(steps, ["updated", "failed", "updating", "pending"], "{card}");
+    assert_eq!(
+        steps,
+        ["updated", "failed", "updating", "pending"],
+        "{card}"
+    );
     let reason = card["nodes"][1]["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("health check failed"), "{card}");
-    assert_eq!(card["nodes"][3]["reason"], Value::Null, "waiting has no reason");
+    assert_eq!(
+        card["nodes"][3]["reason"],
+        Value::Null,
+        "waiting has no reason"
+    );
     assert_eq!(card["last_change"]["instance_id"], "api-3", "{card}");
     assert_eq!(card["last_change"]["step"], "updating", "{card}");
 

@@ -205,15 +205,17 @@
     if (i.rollout && i.rollout.step) return i.rollout;
     const key = (r, n) => `${r.env}/${r.service}/${n}`;
     const mine = key(i, i.instance_id);
-    for (const pass of [true, false]) {
-      for (const r of rollouts) {
-        if (r.running !== pass) continue;
-        const n = r.nodes.find((x) => key(r, x.instance_id) === mine);
-        if (!n) continue;
-        if (pass || n.step === 'failed' || n.step === 'rollback_failed') {
-          return { id: r.id, step: n.step, reason: n.reason };
-        }
-      }
+    const node = (r) => r.nodes.find((x) => key(r, x.instance_id) === mine);
+    for (const r of rollouts) {
+      const n = r.running && node(r);
+      if (n) return { id: r.id, step: n.step, reason: n.reason };
+    }
+    // Rollouts come newest first: the latest finished one that took the node decides.
+    for (const r of rollouts) {
+      const n = !r.running && node(r);
+      if (!n) continue;
+      const bad = n.step === 'failed' || n.step === 'rollback_failed';
+      return bad ? { id: r.id, step: n.step, reason: n.reason } : null;
     }
     return null;
   }
