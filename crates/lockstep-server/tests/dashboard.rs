@@ -454,8 +454,10 @@ async fn every_dashboard_asset_is_served_from_the_binary_and_loads_nothing_from_
 /// rollback-safe freezes on a failure, and its card says a person must act.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_frozen_one() {
-    use support::fleet::{AGENT_TOKEN, Fleet, V1, V2, wait_for_card, wait_for_endpoints};
-    let reg = InProcessRegistry::start().await;
+    use support::fleet::{
+        AGENT_TOKEN, Fleet, V1, V2, registry_config, wait_for_card, wait_for_endpoints,
+    };
+    let reg = InProcessRegistry::start_with(registry_config()).await;
     reg.service
         .rollouts()
         .set_agent_token(Some(AGENT_TOKEN.into()));
@@ -549,16 +551,18 @@ async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_fr
     );
 
     // A release that is not rollback-safe, failing on the canary: frozen, needs a person.
+    // (The agents are named: every one of them, whatever the registry lists this instant.)
     const V3: &str = "e5b2aa7c9d10";
     let v3 = fleet.package(V3, "3.0.0");
     fleet.sicken("api-1", V3);
+    let agents: Vec<&str> = fleet.nodes.iter().map(|n| n.url.as_str()).collect();
     let frozen = fleet
         .start_rollout(
             &reg.url,
             ADMIN_TOKEN,
             V3,
             &v3,
-            json!({"canary": 1, "rollback_safe": false}),
+            json!({"canary": 1, "rollback_safe": false, "agents": agents}),
         )
         .await;
     let frozen_id = frozen["id"].as_i64().expect("rollout id");

@@ -87,8 +87,8 @@ pub struct Fleet {
 impl Fleet {
     /// Starts one agent per id, heartbeating to `registry` with `token`, and puts every
     /// one on [`V1`] (which the caller has made the expected release). Nodes in `patient`
-    /// wait up to a minute for their health check (so a held node stays `updating`); the
-    /// others give up after a second.
+    /// wait up to two minutes for their health check (so a held node stays `updating`);
+    /// the others give up after a second.
     pub async fn start(registry: &str, token: &str, ids: &[&str], patient: &[&str]) -> Fleet {
         let work = tempfile::tempdir().expect("tempdir");
         let key = sign::generate().expect("key");
@@ -139,7 +139,7 @@ impl Fleet {
             cfg.token = Some(AGENT_TOKEN.into());
             cfg.health_url = Some(format!("{health_url}/health/{id}"));
             cfg.health_timeout = if patient.contains(id) {
-                Duration::from_secs(60)
+                Duration::from_secs(120)
             } else {
                 Duration::from_secs(1)
             };
@@ -235,7 +235,7 @@ impl Fleet {
     ) -> serde_json::Value {
         let mut request = serde_json::json!({
             "env": "production", "service": "api", "version_id": version_id,
-            "poll_secs": 0.1, "timeout_secs": 30,
+            "poll_secs": 0.1, "timeout_secs": 120,
         });
         if let (Some(r), serde_json::Value::Object(s)) = (request.as_object_mut(), settings) {
             r.extend(s);
@@ -272,6 +272,18 @@ impl Drop for Fleet {
             n.server.abort();
         }
         self.health_server.abort();
+    }
+}
+
+/// The registry's configuration for these tests: heartbeats every second. An agent
+/// re-registers its instance after every apply and rollback (deregistration, then a new
+/// heartbeat), and now and then the registry loses that registration until the next
+/// heartbeat (seen with the default 10 s: the instance vanished from `/v1/status` that
+/// long); at 1 s the tests do not wait on it.
+pub fn registry_config() -> lockstep_server::Config {
+    lockstep_server::Config {
+        heartbeat_interval: Duration::from_secs(1),
+        ..lockstep_server::Config::default()
     }
 }
 
