@@ -225,6 +225,93 @@ pub struct InstanceStatus {
     pub status: Status,
     /// How long it has been stale or missing, in seconds.
     pub drift_secs: u64,
+    /// Its place in the latest rollout of its service: present while that rollout runs,
+    /// and after it ended when this node failed, failed to roll back or was skipped — so
+    /// a node waiting for its batch is told from one that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<InstanceRollout>,
+}
+
+/// An instance's place in a rollout (`InstanceStatus.rollout`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceRollout {
+    /// The rollout id (`lockstep rollout watch ID`).
+    pub id: i64,
+    /// The node's step in it.
+    pub step: RolloutStep,
+    /// Why (a failure, a skip), or null. Always present.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+}
+
+/// A node's step in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStep {
+    /// Not touched yet: waiting for its batch.
+    Pending,
+    /// Being updated.
+    Updating,
+    /// Runs the rollout's release and passed its health check.
+    Updated,
+    /// The update failed (see the reason).
+    Failed,
+    /// Being rolled back.
+    RollingBack,
+    /// Back on its previous release.
+    RolledBack,
+    /// Rolling back failed (see the reason): a person must look at the node.
+    RollbackFailed,
+    /// Left alone (see the reason).
+    Skipped,
+}
+
+impl RolloutStep {
+    /// The wire name: `pending`, `updating`, `updated`, `failed`, `rolling_back`,
+    /// `rolled_back`, `rollback_failed`, `skipped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStep::Pending => "pending",
+            RolloutStep::Updating => "updating",
+            RolloutStep::Updated => "updated",
+            RolloutStep::Failed => "failed",
+            RolloutStep::RollingBack => "rolling_back",
+            RolloutStep::RolledBack => "rolled_back",
+            RolloutStep::RollbackFailed => "rollback_failed",
+            RolloutStep::Skipped => "skipped",
+        }
+    }
+
+    /// Whether the node has not reached the rollout's release yet and nothing went wrong:
+    /// waiting for its batch, or being updated.
+    pub fn is_waiting(self) -> bool {
+        matches!(self, RolloutStep::Pending | RolloutStep::Updating)
+    }
+
+    /// Whether the rollout failed on this node (its update, or its rollback).
+    pub fn is_failure(self) -> bool {
+        matches!(self, RolloutStep::Failed | RolloutStep::RollbackFailed)
+    }
+}
+
+impl InstanceRollout {
+    /// `rollout 7: waiting for its batch`, `rollout 7: failed — health check failed`.
+    pub fn describe(&self) -> String {
+        let what = match self.step {
+            RolloutStep::Pending => "waiting for its batch",
+            RolloutStep::Updating => "updating",
+            RolloutStep::Updated => "updated",
+            RolloutStep::Failed => "failed",
+            RolloutStep::RollingBack => "rolling back",
+            RolloutStep::RolledBack => "rolled back",
+            RolloutStep::RollbackFailed => "rollback failed",
+            RolloutStep::Skipped => "skipped",
+        };
+        match self.reason.as_deref().filter(|r| !r.is_empty()) {
+            Some(r) => format!("rollout {}: {what} \u{2014} {r}", self.id),
+            None => format!("rollout {}: {what}", self.id),
+        }
+    }
 }
 
 /// The first event of `GET /v1/instances/watch`: every instance of the scope.

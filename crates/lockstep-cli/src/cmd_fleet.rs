@@ -73,6 +73,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         println!("nothing registered yet");
         return Ok(exit::OK);
     }
+    // The ROLLOUT column appears only when a rollout has something to say, beside the
+    // status it explains (`draining  rollout 7: waiting for its batch`).
+    let rollouts = report
+        .environments
+        .iter()
+        .flat_map(|e| &e.services)
+        .flat_map(|s| &s.instances)
+        .any(|i| i.rollout.is_some());
     let mut rows = vec![
         [
             "ENV",
@@ -81,6 +89,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             "INSTANCE",
             "RUNNING",
             "STATUS",
+            "ROLLOUT",
             "DRIFT",
             "LAST SEEN",
         ]
@@ -98,7 +107,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                 .unwrap_or_else(|| "-".into());
             if svc.instances.is_empty() {
                 rows.push(
-                    [&env.name, &svc.name, &expected, "-", "-", "-", "-", "-"].map(String::from),
+                    [&env.name, &svc.name, &expected, "-", "-", "-", "", "-", "-"]
+                        .map(String::from),
                 );
             }
             for i in &svc.instances {
@@ -109,6 +119,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                     i.instance.instance_id.clone(),
                     short_id(&i.instance.version_id).to_string(),
                     i.status.as_str().to_string(),
+                    i.rollout.as_ref().map(|r| r.describe()).unwrap_or_default(),
                     if i.drift_secs > 0 {
                         format_secs(i.drift_secs)
                     } else {
@@ -130,25 +141,40 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                 String::new(),
                 String::new(),
                 String::new(),
+                String::new(),
             ]);
         }
+    }
+    if !rollouts {
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|r| {
+                let mut r = r.to_vec();
+                r.remove(6);
+                r
+            })
+            .collect();
+        print_table(&rows);
+        return Ok(exit::OK);
     }
     print_table(&rows);
     Ok(exit::OK)
 }
 
 /// Prints rows as aligned columns (the first row is the header).
-pub(crate) fn print_table<const N: usize>(rows: &[[String; N]]) {
-    let mut widths = [0usize; N];
+pub(crate) fn print_table<R: AsRef<[String]>>(rows: &[R]) {
+    let n = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
     for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
+        for (w, c) in widths.iter_mut().zip(r.as_ref()) {
             *w = (*w).max(c.chars().count());
         }
     }
     for r in rows {
         let line: Vec<String> = r
+            .as_ref()
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", line.join("  ").trim_end());
@@ -190,6 +216,35 @@ struct Verdict<'a> {
     ok: bool,
     failing: usize,
     instances: Vec<VerdictLine<'a>>,
+    /// Instances a running rollout has not reached yet (going to plan).
+    rollout_waiting: Vec<RolloutNode<'a>>,
+    /// Instances on which a rollout failed.
+    rollout_failed: Vec<RolloutNode<'a>>,
+}
+
+/// An instance named in `rollout_waiting` / `rollout_failed` of `verify -o json`.
+#[derive(Serialize)]
+struct RolloutNode<'a> {
+    env: &'a str,
+    service: &'a str,
+    instance_id: &'a str,
+    rollout: i64,
+    step: &'static str,
+    reason: Option<&'a str>,
+}
+
+impl<'a> RolloutNode<'a> {
+    fn of(l: &Line<'a>) -> Option<Self> {
+        let r = l.instance.rollout.as_ref()?;
+        Some(RolloutNode {
+            env: l.env,
+            service: l.service,
+            instance_id: &l.instance.instance.instance_id,
+            rollout: r.id,
+            step: r.step.as_str(),
+            reason: r.reason.as_deref(),
+        })
+    }
 }
 
 /// One line of `verify --output json`: the verdict and the instance as `/v1/status` has it.
@@ -211,12 +266,19 @@ impl<'a> From<&Line<'a>> for VerdictLine<'a> {
     }
 }
 
-/// Prints `[OK] service instance short-version started …` lines.
+/// Prints `[OK] service instance short-version started …` lines (with the instance's
+/// rollout step when it has one: `(rollout 7: waiting for its batch)`).
 pub(crate) fn print_verdict_lines(lines: &[Line<'_>]) {
     for l in lines {
         let i = &l.instance.instance;
+        let rollout = l
+            .instance
+            .rollout
+            .as_ref()
+            .map(|r| format!(" ({})", r.describe()))
+            .unwrap_or_default();
         println!(
-            "[{}] {} {} {} started {}",
+            "[{}] {} {} {} started {}{rollout}",
             l.mark.as_str(),
             l.service,
             i.instance_id,
@@ -224,6 +286,29 @@ pub(crate) fn print_verdict_lines(lines: &[Line<'_>]) {
             ts(i.started_at.or(Some(i.first_seen)))
         );
     }
+}
+
+/// Prints the nodes a rollout has not reached yet and those it failed on, each group on
+/// its own lines, so "behind but going to plan" is not read as "broken".
+fn print_rollout_groups(v: &verify::Verification<'_>) {
+    let group = |title: &str, lines: Vec<&Line<'_>>| {
+        if lines.is_empty() {
+            return;
+        }
+        println!("{title} ({}):", lines.len());
+        for l in lines {
+            if let Some(r) = &l.instance.rollout {
+                println!(
+                    "  {} {} {}",
+                    l.service,
+                    l.instance.instance.instance_id,
+                    r.describe()
+                );
+            }
+        }
+    };
+    group("waiting for a running rollout", v.rollout_waiting());
+    group("failed in a rollout", v.rollout_failed());
 }
 
 /// Verifies the fleet.
@@ -248,10 +333,21 @@ pub async fn verify(a: VerifyArgs) -> anyhow::Result<u8> {
                 ok: v.ok(),
                 failing: v.failing(),
                 instances: v.lines.iter().map(VerdictLine::from).collect(),
+                rollout_waiting: v
+                    .rollout_waiting()
+                    .into_iter()
+                    .filter_map(RolloutNode::of)
+                    .collect(),
+                rollout_failed: v
+                    .rollout_failed()
+                    .into_iter()
+                    .filter_map(RolloutNode::of)
+                    .collect(),
             })?
         );
     } else {
         print_verdict_lines(&v.lines);
+        print_rollout_groups(&v);
         match v.conclusion {
             Conclusion::Empty { allowed: true } => {
                 println!("[OK] no instances (allowed by --allow-empty)")

@@ -868,3 +868,136 @@ async fn kill_9_of_the_leader_mid_batch_hands_the_rollout_over_without_applying_
         "B resumed a node recorded as updating by checking its version first"
     );
 }
+
+/// `(instance endpoint, rollout step, reason)` of every instance of `api` that `status -o
+/// json` shows with a rollout mark of rollout `id`.
+fn marks(status: &serde_json::Value, id: &str) -> Vec<(String, String, Option<String>)> {
+    status["environments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["services"].as_array().into_iter().flatten())
+        .flat_map(|s| s["instances"].as_array().into_iter().flatten())
+        .filter(|i| i["rollout"]["id"].as_i64().is_some_and(|n| n.to_string() == id))
+        .map(|i| {
+            (
+                i["endpoint"].as_str().unwrap_or_default().to_string(),
+                i["rollout"]["step"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                i["rollout"]["reason"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_verify_tell_a_node_waiting_for_its_batch_from_one_that_failed() {
+    let fleet = Fleet::start(5).await;
+    let v2 = package(fleet.work.path(), &fleet.key, "v2", true);
+    std::fs::write(fleet.roots[1].join("sick-v2"), "x").expect("write");
+    let urls = fleet.urls();
+    let id = fleet.start_rollout(
+        &v2,
+        &[
+            "--agents",
+            &urls,
+            "--canary",
+            "1",
+            "--concurrency",
+            "1",
+            "--max-failures",
+            "1",
+        ],
+    );
+    // Node 1 fails its health check while nodes 3 and 4 still wait for their batch.
+    let sick = fleet.agents[1].url.clone();
+    let mut seen = None;
+    for _ in 0..600 {
+        let (_, out, _) = fleet.cli(&["status", "--service", "api", "-o", "json"]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let m = marks(&st, &id);
+        let failed = m.iter().any(|(e, s, _)| *e == sick && s == "failed");
+        let waiting = m.iter().filter(|(_, s, _)| s == "pending").count();
+        if failed && waiting > 0 {
+            seen = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = seen.unwrap_or_else(|| {
+        panic!(
+            "never saw a failed and a waiting node\n{}",
+            fleet.serve.logs()
+        )
+    });
+    let (_, _, reason) = m.iter().find(|(e, _, _)| *e == sick).expect("sick node");
+    assert!(
+        reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("health check failed"),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.len(),
+        5,
+        "every node of a running rollout has its mark: {m:?}"
+    );
+    // The table says it beside the status; verify lists both groups separately.
+    let (_, table, _) = fleet.cli(&["status", "--service", "api"]);
+    assert!(table.contains("ROLLOUT"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "rollout {id}: failed \u{2014} health check failed"
+        )),
+        "{table}"
+    );
+    let (code, out, _) = fleet.cli(&["verify", "--service", "api", "-o", "json"]);
+    assert_eq!(code, 1, "a rollout in progress does not verify: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("verify json");
+    let failed: Vec<&str> = v["rollout_failed"]
+        .as_array()
+        .expect("rollout_failed")
+        .iter()
+        .map(|n| n["step"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(failed, ["failed"], "{v}");
+    assert_eq!(v["rollout_failed"][0]["rollout"].to_string(), id);
+    assert!(
+        v["rollout_waiting"]
+            .as_array()
+            .expect("rollout_waiting")
+            .iter()
+            .all(|n| n["step"] == "pending" || n["step"] == "updating"),
+        "{v}"
+    );
+    let (_, text, _) = fleet.cli(&["verify", "--service", "api"]);
+    assert!(text.contains("failed in a rollout (1):"), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("[FAIL]"),
+        "the last line stays the verdict: {text}"
+    );
+
+    // Once the rollout ended (one failure is within --max-failures 1), only the failed
+    // node keeps its mark: it explains why it is not on the release.
+    let (code, v) = fleet.watch(&id);
+    assert_eq!(code, 0, "{v}");
+    let (_, out, _) = fleet.cli(&["status", "--service", "api", "-o", "json"]);
+    let st: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let m = marks(&st, &id);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(
+        (m[0].0.as_str(), m[0].1.as_str()),
+        (sick.as_str(), "failed")
+    );
+    let (_, table, _) = fleet.cli(&["status", "--service", "api"]);
+    assert!(
+        table.contains("failed \u{2014} health check failed"),
+        "{table}"
+    );
+}

@@ -398,6 +398,7 @@ mod tests {
             },
             status,
             drift_secs: 0,
+            rollout: None,
         }
     }
 

@@ -133,6 +133,33 @@ impl Verification<'_> {
     pub fn failing(&self) -> usize {
         self.lines.iter().filter(|l| !l.mark.is_ok()).count()
     }
+
+    /// Instances a running rollout has not reached yet (waiting for their batch, or being
+    /// updated): behind, but going to plan.
+    pub fn rollout_waiting(&self) -> Vec<&Line<'_>> {
+        self.lines
+            .iter()
+            .filter(|l| {
+                l.instance
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.step.is_waiting())
+            })
+            .collect()
+    }
+
+    /// Instances on which a rollout failed (their update, or their rollback).
+    pub fn rollout_failed(&self) -> Vec<&Line<'_>> {
+        self.lines
+            .iter()
+            .filter(|l| {
+                l.instance
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.step.is_failure())
+            })
+            .collect()
+    }
 }
 
 /// Whether instance `i` runs what `expect` names: its version id or git SHA equals it, or
@@ -217,6 +244,7 @@ mod tests {
             },
             status,
             drift_secs: 0,
+            rollout: None,
         }
     }
 
@@ -336,6 +364,51 @@ mod tests {
         check_fleet((&[], false), Conclusion::Empty { allowed: false });
         check_fleet((&[], true), Conclusion::Empty { allowed: true });
         assert!(!Conclusion::Empty { allowed: false }.ok());
+    }
+
+    #[test]
+    fn rollout_waiting_and_failed_nodes_are_told_apart() {
+        use lockstep_api::{InstanceRollout, RolloutStep};
+        let with = |id: &str, status, step: Option<RolloutStep>| {
+            let mut i = instance(id, status, V1, None);
+            i.rollout = step.map(|step| InstanceRollout {
+                id: 7,
+                step,
+                reason: step.is_failure().then(|| "health check failed".into()),
+            });
+            i
+        };
+        let r = report(vec![
+            with("a", Status::Current, Some(RolloutStep::Updated)),
+            with("b", Status::Draining, Some(RolloutStep::Pending)),
+            with("c", Status::Draining, Some(RolloutStep::Updating)),
+            with("d", Status::Draining, Some(RolloutStep::Failed)),
+            with("e", Status::Stale, Some(RolloutStep::RollbackFailed)),
+            with("f", Status::Stale, None),
+        ]);
+        let v = verify(&r, &Rules::default());
+        let ids = |ls: Vec<&Line<'_>>| -> Vec<String> {
+            ls.iter()
+                .map(|l| l.instance.instance.instance_id.clone())
+                .collect()
+        };
+        assert_eq!(ids(v.rollout_waiting()), ["b", "c"]);
+        assert_eq!(ids(v.rollout_failed()), ["d", "e"]);
+        assert_eq!(v.failing(), 5, "waiting still fails verify");
+        assert_eq!(
+            r.environments[0].services[0].instances[3]
+                .rollout
+                .as_ref()
+                .map(|m| m.describe()),
+            Some("rollout 7: failed \u{2014} health check failed".to_string())
+        );
+        assert_eq!(
+            r.environments[0].services[0].instances[1]
+                .rollout
+                .as_ref()
+                .map(|m| m.describe()),
+            Some("rollout 7: waiting for its batch".to_string())
+        );
     }
 
     #[test]

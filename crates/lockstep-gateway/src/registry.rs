@@ -526,6 +526,7 @@ mod tests {
             },
             status,
             drift_secs: 0,
+            rollout: None,
         }
     }
 

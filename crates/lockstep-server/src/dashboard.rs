@@ -782,6 +782,7 @@ fn instance_page(
                     instance: inst.clone(),
                     status,
                     drift_secs: drift,
+                    rollout: None,
                 }),
         );
         before += n;

@@ -77,6 +77,7 @@ fn with_status(
     );
     Ok(InstanceStatus {
         instance: inst.clone(),
+        rollout: st.service.rollouts().cached_marks().of(inst),
         status,
         drift_secs: drift_secs(
             status,

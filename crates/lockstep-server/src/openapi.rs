@@ -26,6 +26,7 @@ use crate::{admin, alerts, dashboard, instances, releases, rollouts, status, str
         lockstep_api::ErrorBody, lockstep_api::PutRelease, lockstep_api::RollbackRequest,
         lockstep_api::Heartbeat, lockstep_api::HeartbeatAnswer, lockstep_api::StatusReport,
         lockstep_api::EnvStatus, lockstep_api::ServiceStatus, lockstep_api::InstanceStatus,
+        lockstep_api::InstanceRollout, lockstep_api::RolloutStep,
         lockstep_api::ReleaseHistory, lockstep_api::Event, lockstep_api::EventPage,
         lockstep_api::CreateToken, lockstep_api::CreatedToken, lockstep_api::TokenInfo,
         lockstep_api::TokenList, lockstep_api::Health, lockstep_api::ServiceIndex,

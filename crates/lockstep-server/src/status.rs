@@ -40,9 +40,12 @@ pub struct StatusQuery {
 }
 
 /// Builds the report. A filter reads only the services it names (the per-service index),
-/// so one service's status costs what that service holds, whatever the fleet's size.
+/// so one service's status costs what that service holds, whatever the fleet's size. Each
+/// instance's rollout mark comes from the marks last read ([`crate::service::rollout::Rollouts::cached_marks`]);
+/// the status handler refreshes them first.
 pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
+    let marks = st.service.rollouts().cached_marks();
     let projection = st.service.projection();
     let ttl = projection.instance_ttl();
     let ttl_secs = ttl.as_secs();
@@ -78,6 +81,7 @@ pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> 
                 .entry(name.clone())
                 .or_insert_with(|| new_service(&name, None));
             let expected = svc.expected.as_ref();
+            let marks = marks.service(&env, &name);
             for inst in fleet.of_service(&env, &name) {
                 let missing = now - inst.last_seen > ttl;
                 let status = instance_status(
@@ -98,6 +102,7 @@ pub fn report(st: &AppState, q: &StatusQuery) -> Result<StatusReport, Poisoned> 
                     instance: inst.clone(),
                     status,
                     drift_secs: drift,
+                    rollout: marks.and_then(|m| m.of(inst)),
                 });
             }
         }
@@ -145,6 +150,8 @@ pub async fn status(
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<StatusReport>, ApiError> {
     crate::status::check_filters(q.env.as_deref(), q.service.as_deref())?;
+    // At most one store read, and none while no event was applied since the last one.
+    st.service.rollout_marks().await;
     Ok(Json(report(&st, &q)?))
 }
 

@@ -1344,6 +1344,26 @@ async fn rollouts_keep_nodes_steps_and_package_and_one_runs_per_service(store: &
     let nodes = store.rollout_nodes(r.id).await.expect("nodes");
     assert_eq!(nodes[0].step, serde_json::json!({"step": "pending"}));
     assert_eq!(nodes[0].attempts, 1, "attempts are kept across a retry");
+    // The latest rollout of a service is its running one (the retried r, older than the
+    // blocker), else its newest; nodes in rollout order.
+    let latest = store.latest_rollout_nodes().await.expect("latest");
+    let of = |svc: &str| -> Vec<(i64, bool, String)> {
+        latest
+            .iter()
+            .filter(|n| n.service == svc)
+            .map(|n| (n.rollout_id, n.running, n.instance_id.clone()))
+            .collect()
+    };
+    assert_eq!(
+        of("ro"),
+        (0..3)
+            .map(|i| (r.id, true, format!("ro-{i}")))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(of("ro-other"), vec![(other.id, true, "ro-other-0".into())]);
+    let first = latest.iter().find(|n| n.service == "ro").expect("ro");
+    assert_eq!(first.step, serde_json::json!({"step": "pending"}));
+    assert_eq!(first.endpoint, "http://127.0.0.1:9000");
     assert!(
         !store
             .restart_rollout(9_999_999, "batches", vec![])

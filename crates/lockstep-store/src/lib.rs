@@ -24,7 +24,7 @@ pub use alerts::{
 pub use error::StoreError;
 pub use lock::{DataDirLock, LockError};
 pub use postgres::PgStore;
-pub use rollouts::{NewRollout, NewRolloutNode, Rollout, RolloutNode};
+pub use rollouts::{LatestRolloutNode, NewRollout, NewRolloutNode, Rollout, RolloutNode};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -328,6 +328,10 @@ pub trait Store: Send + Sync + 'static {
     async fn rollouts(&self, running_only: bool, limit: u32) -> Result<Vec<Rollout>, StoreError>;
     /// A rollout's nodes in rollout order.
     async fn rollout_nodes(&self, id: i64) -> Result<Vec<RolloutNode>, StoreError>;
+    /// The nodes of the latest rollout of every (env, service) — the running one (a
+    /// retried older rollout included), else the newest — in rollout order, in one read
+    /// (what `/v1/status` shows beside each instance).
+    async fn latest_rollout_nodes(&self) -> Result<Vec<LatestRolloutNode>, StoreError>;
     /// A rollout's package and signature.
     async fn rollout_package(
         &self,

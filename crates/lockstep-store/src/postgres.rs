@@ -1448,6 +1448,10 @@ impl Store for PgStore {
         rops::nodes(&self.pool, id).await
     }
 
+    async fn latest_rollout_nodes(&self) -> Result<Vec<crate::LatestRolloutNode>, StoreError> {
+        rops::latest_nodes(&self.pool).await
+    }
+
     async fn rollout_package(
         &self,
         id: i64,

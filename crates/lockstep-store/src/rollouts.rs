@@ -96,6 +96,25 @@ pub struct RolloutNode {
     pub updated_at: OffsetDateTime,
 }
 
+/// One node of the latest rollout of a service ([`crate::Store::latest_rollout_nodes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatestRolloutNode {
+    /// The rollout's id.
+    pub rollout_id: i64,
+    /// Environment.
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// Whether the rollout is running.
+    pub running: bool,
+    /// Instance id (or the agent URL when the node was given by URL).
+    pub instance_id: String,
+    /// Agent URL.
+    pub endpoint: String,
+    /// Step (JSON owned by `lockstep-rollout`).
+    pub step: serde_json::Value,
+}
+
 pub(crate) type RolloutRow = (
     i64,
     String,
@@ -269,6 +288,35 @@ macro_rules! rollout_ops {
                         step: serde_json::from_str(&r.3)?,
                         attempts: r.4,
                         updated_at: from_millis(r.5),
+                    })
+                })
+                .collect()
+        }
+
+        /// The nodes of the latest rollout of every (env, service) — the running one, else
+        /// the newest — in one query.
+        pub(crate) async fn latest_nodes(
+            pool: &Pool<$db>,
+        ) -> Result<Vec<crate::rollouts::LatestRolloutNode>, StoreError> {
+            let rows: Vec<(i64, String, String, i64, String, String, String)> = sqlx::query_as(
+                "SELECT r.id, r.env, r.service, r.running, n.instance_id, n.endpoint, n.step \
+                 FROM rollouts r JOIN rollout_nodes n ON n.rollout_id = r.id \
+                 WHERE r.id IN (SELECT COALESCE(MAX(CASE WHEN running = 1 THEN id END), \
+                 MAX(id)) FROM rollouts GROUP BY env, service) \
+                 ORDER BY r.id, n.idx",
+            )
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(crate::rollouts::LatestRolloutNode {
+                        rollout_id: r.0,
+                        env: r.1,
+                        service: r.2,
+                        running: r.3 != 0,
+                        instance_id: r.4,
+                        endpoint: r.5,
+                        step: serde_json::from_str(&r.6)?,
                     })
                 })
                 .collect()

@@ -1025,6 +1025,10 @@ impl Store for SqliteStore {
         rops::nodes(&self.reader, id).await
     }
 
+    async fn latest_rollout_nodes(&self) -> Result<Vec<crate::LatestRolloutNode>, StoreError> {
+        rops::latest_nodes(&self.reader).await
+    }
+
     async fn rollout_package(
         &self,
         id: i64,

@@ -11,14 +11,14 @@
 
 use bytes::Bytes;
 use lockstep_agent::{AgentClient, ClientError};
-use lockstep_api::{Alert, AlertState, PutRelease, RollbackRequest};
+use lockstep_api::{Alert, AlertState, InstanceRollout, PutRelease, RollbackRequest, RolloutStep};
 use lockstep_core::{Condition, Release, Severity, short_id};
 use lockstep_rollout::plan::{self, Action, NodeStep, Phase, Settings, Summary};
 use lockstep_store::{AlertWrite, NewEvent, NewRollout, NewRolloutNode, Rollout, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
@@ -192,6 +192,99 @@ pub struct Rollouts {
     failed: AtomicU64,
     aborted: AtomicU64,
     node_rollbacks: AtomicU64,
+    /// Each instance's place in the latest rollout of its service, with the event id the
+    /// projection had applied before it was read (see [`RegistryService::rollout_marks`]).
+    marks: RwLock<Option<(i64, Arc<RolloutMarks>)>>,
+}
+
+/// Each instance's place in the latest rollout of its service, as `/v1/status` shows it
+/// (`InstanceStatus.rollout`): every node of a running rollout; of an ended one, only the
+/// nodes that failed, failed to roll back or were skipped — the ones left behind.
+#[derive(Debug, Default)]
+pub struct RolloutMarks {
+    /// env → service → node key (instance id, and the agent URL) → mark.
+    scopes: HashMap<String, HashMap<String, ServiceMarks>>,
+}
+
+/// The marks of one service, by instance id and by agent URL (a node given to
+/// `rollout start --agents` by URL is known by its URL, which its instance heartbeats as
+/// its `endpoint`).
+#[derive(Debug, Default)]
+pub struct ServiceMarks {
+    by_id: HashMap<String, InstanceRollout>,
+    by_endpoint: HashMap<String, InstanceRollout>,
+}
+
+impl ServiceMarks {
+    /// The mark of one instance: by its id, else by its endpoint.
+    pub fn of(&self, inst: &lockstep_core::Instance) -> Option<InstanceRollout> {
+        self.by_id
+            .get(&inst.instance_id)
+            .or_else(|| {
+                inst.endpoint
+                    .as_deref()
+                    .and_then(|e| self.by_endpoint.get(e.trim_end_matches('/')))
+            })
+            .cloned()
+    }
+}
+
+impl RolloutMarks {
+    /// Builds the marks from the nodes of each service's latest rollout.
+    pub fn from_nodes(nodes: &[lockstep_store::LatestRolloutNode]) -> RolloutMarks {
+        let mut m = RolloutMarks::default();
+        for n in nodes {
+            let (step, reason) = wire_step(&step_of(&n.step));
+            let shown = n.running
+                || matches!(
+                    step,
+                    RolloutStep::Failed | RolloutStep::RollbackFailed | RolloutStep::Skipped
+                );
+            if !shown {
+                continue;
+            }
+            let mark = InstanceRollout {
+                id: n.rollout_id,
+                step,
+                reason,
+            };
+            let svc = m
+                .scopes
+                .entry(n.env.clone())
+                .or_default()
+                .entry(n.service.clone())
+                .or_default();
+            svc.by_endpoint
+                .insert(n.endpoint.trim_end_matches('/').to_string(), mark.clone());
+            svc.by_id.insert(n.instance_id.clone(), mark);
+        }
+        m
+    }
+
+    /// The marks of one service (`None`: no instance of it has one).
+    pub fn service(&self, env: &str, service: &str) -> Option<&ServiceMarks> {
+        self.scopes.get(env).and_then(|s| s.get(service))
+    }
+
+    /// The mark of one instance.
+    pub fn of(&self, inst: &lockstep_core::Instance) -> Option<InstanceRollout> {
+        self.service(&inst.env, &inst.service)
+            .and_then(|s| s.of(inst))
+    }
+}
+
+/// A node's step in the API's words.
+pub fn wire_step(s: &NodeStep) -> (RolloutStep, Option<String>) {
+    match s {
+        NodeStep::Pending => (RolloutStep::Pending, None),
+        NodeStep::Updating => (RolloutStep::Updating, None),
+        NodeStep::Updated => (RolloutStep::Updated, None),
+        NodeStep::Failed(r) => (RolloutStep::Failed, Some(r.clone())),
+        NodeStep::RollingBack => (RolloutStep::RollingBack, None),
+        NodeStep::RolledBack => (RolloutStep::RolledBack, None),
+        NodeStep::RollbackFailed(r) => (RolloutStep::RollbackFailed, Some(r.clone())),
+        NodeStep::Skipped(r) => (RolloutStep::Skipped, Some(r.clone())),
+    }
 }
 
 impl Default for Rollouts {
@@ -213,6 +306,7 @@ impl Rollouts {
             failed: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             node_rollbacks: AtomicU64::new(0),
+            marks: RwLock::new(None),
         }
     }
 
@@ -232,6 +326,17 @@ impl Rollouts {
     /// See [`Rollouts::set_max_package_size`].
     pub fn max_package_size(&self) -> usize {
         usize::try_from(self.max_package_size.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
+    /// The rollout marks last read (empty before the first read): for callers that cannot
+    /// wait, such as the instance stream. `/v1/status` refreshes them first with
+    /// [`RegistryService::rollout_marks`].
+    pub fn cached_marks(&self) -> Arc<RolloutMarks> {
+        self.marks
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(_, m)| m.clone()))
+            .unwrap_or_default()
     }
 
     fn token(&self) -> Option<String> {
@@ -534,6 +639,45 @@ impl RegistryService {
         self.rollout_view(r.id)
             .await?
             .ok_or_else(|| RegistryError::NotFound("rollout".into()))
+    }
+
+    /// Each instance's place in the latest rollout of its service. Kept in memory and read
+    /// again from the store (one read) only when the projection has applied an event since
+    /// the last read: every change of a node's step or a rollout's phase is written with an
+    /// event in the same transaction, so an unchanged event cursor means unchanged marks, and
+    /// a status call costs no store read while nothing happens. A store that does not
+    /// answer keeps the last marks (status stays served from memory), logged.
+    pub async fn rollout_marks(&self) -> Arc<RolloutMarks> {
+        // The cursor is taken before the read: anything applied after it makes the next
+        // call read again, so a change is never hidden behind a newer stamp.
+        let cursor = self.projection.cursors().event_id;
+        let cached = self
+            .rollouts
+            .marks
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(stamp, m)| (*stamp, m.clone())));
+        if let Some((stamp, m)) = &cached
+            && *stamp == cursor
+        {
+            return m.clone();
+        }
+        match self.store.latest_rollout_nodes().await {
+            Ok(nodes) => {
+                let m = Arc::new(RolloutMarks::from_nodes(&nodes));
+                if let Ok(mut g) = self.rollouts.marks.write() {
+                    // Never replace newer marks with older ones (two refreshes racing).
+                    if g.as_ref().is_none_or(|(stamp, _)| *stamp <= cursor) {
+                        *g = Some((cursor, m.clone()));
+                    }
+                }
+                m
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout marks: the store does not answer; showing the last known");
+                cached.map(|(_, m)| m).unwrap_or_default()
+            }
+        }
     }
 
     /// A rollout with its nodes.
@@ -1124,7 +1268,7 @@ fn spawn_node(
     let in_flight = in_flight.clone();
     let done = done.clone();
     tokio::spawn(async move {
-        let (step, evs) = match task {
+        let (step, mut evs) = match task {
             Task::Update => {
                 let started = Instant::now();
                 let (step, evs) =
@@ -1138,6 +1282,16 @@ fn spawn_node(
             }
             Task::Rollback => rollback_node(&client, &r, &n).await,
         };
+        if let NodeStep::Failed(why) | NodeStep::RollbackFailed(why) = &step {
+            // Every step change carries an event: status reads the rollout marks again
+            // only when the event log moved (`RegistryService::rollout_marks`).
+            evs.push(event(
+                &r,
+                "rollout_node_failed",
+                &n,
+                serde_json::json!({"step": step_json(&step)["step"], "reason": why}),
+            ));
+        }
         match svc
             .store
             .set_rollout_step(&holder, r.id, n.idx, step_json(&step), false, evs)
