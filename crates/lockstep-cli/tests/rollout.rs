@@ -878,7 +878,11 @@ fn marks(status: &serde_json::Value, id: &str) -> Vec<(String, String, Option<St
         .flatten()
         .flat_map(|e| e["services"].as_array().into_iter().flatten())
         .flat_map(|s| s["instances"].as_array().into_iter().flatten())
-        .filter(|i| i["rollout"]["id"].as_i64().is_some_and(|n| n.to_string() == id))
+        .filter(|i| {
+            i["rollout"]["id"]
+                .as_i64()
+                .is_some_and(|n| n.to_string() == id)
+        })
         .map(|i| {
             (
                 i["endpoint"].as_str().unwrap_or_default().to_string(),

@@ -32,7 +32,7 @@ use crate::error::ApiError;
 use crate::service::Poisoned;
 use crate::service::fleet::Fleet;
 use crate::service::projection::Change;
-use crate::service::rollout::{self, NodeView, RolloutView};
+use crate::service::rollout::{self, NodeView, RolloutMarks, RolloutView};
 use crate::state::AppState;
 
 /// Largest page of instances `/v1/dashboard` returns.
@@ -495,7 +495,10 @@ pub async fn dashboard(
             "per_page must be between 1 and {MAX_PER_PAGE}"
         )));
     }
-    let report = report(&st, &q, page, per_page)?;
+    // Each instance's place in its service's latest rollout, as `/v1/status` gives it: at
+    // most one store read, none while no event was applied since the last.
+    let marks = st.service.rollout_marks().await;
+    let report = report(&st, &q, page, per_page, &marks)?;
     // The report comes from memory; the rollouts from the store. A store that does not
     // answer costs the panel (which then says so), not the whole page.
     let rollouts = match rollout_cards(&st).await {
@@ -508,12 +511,13 @@ pub async fn dashboard(
     Ok(Json(DashboardDocument { report, rollouts }))
 }
 
-/// Builds the whole answer.
+/// Builds the fleet report; each instance on the page carries its rollout mark from `marks`.
 pub fn report(
     st: &AppState,
     q: &DashboardQuery,
     page: u32,
     per_page: u32,
+    marks: &RolloutMarks,
 ) -> Result<DashboardReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
     let projection = st.service.projection();
@@ -521,7 +525,9 @@ pub fn report(
     let expected = expected_map(st)?;
     let (services, instances) = projection.with_fleet(|fleet| {
         let services = service_counts(fleet, &expected, now, ttl);
-        let page = instance_page(fleet, &expected, &services, q, now, ttl, page, per_page);
+        let page = instance_page(
+            fleet, &expected, &services, q, now, ttl, page, per_page, marks,
+        );
         (services, page)
     })?;
     let deploys = deploys(st)?;
@@ -707,6 +713,7 @@ fn instance_page(
     ttl: Duration,
     page: u32,
     per_page: u32,
+    marks: &RolloutMarks,
 ) -> InstancePage {
     let scopes: Vec<&ServiceCounts> = services
         .iter()
@@ -782,7 +789,7 @@ fn instance_page(
                     instance: inst.clone(),
                     status,
                     drift_secs: drift,
-                    rollout: None,
+                    rollout: marks.of(inst),
                 }),
         );
         before += n;

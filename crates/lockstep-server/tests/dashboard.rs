@@ -446,6 +446,42 @@ async fn every_dashboard_asset_is_served_from_the_binary_and_loads_nothing_from_
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
+type Marks = std::collections::BTreeMap<String, Value>;
+
+/// The `rollout` mark of every instance on the dashboard's first page that has one, once
+/// `pred` holds for them (within 5 s).
+async fn rollout_marks(
+    reg: &InProcessRegistry,
+    token: &str,
+    pred: impl Fn(&Marks) -> bool,
+) -> Marks {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, doc) = dashboard(reg, token, "").await;
+        assert_eq!(status, StatusCode::OK);
+        let marks: Marks = doc["instances"]["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| !i["rollout"].is_null())
+            .map(|i| {
+                (
+                    i["instance_id"].as_str().unwrap_or_default().to_string(),
+                    i["rollout"].clone(),
+                )
+            })
+            .collect();
+        if pred(&marks) {
+            return marks;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rollout marks: {marks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The card of a rollout over four real agents, read through `/v1/dashboard` as it runs:
 /// canary `api-1` updated, `api-2` failed its health check (with the agent's reason),
 /// `api-3` held in its health check and worked on, `api-4` waiting for its batch; once
@@ -524,6 +560,21 @@ async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_fr
     );
     assert_eq!(card["last_change"]["instance_id"], "api-3", "{card}");
     assert_eq!(card["last_change"]["step"], "updating", "{card}");
+    // The page of instances carries each node's mark: waiting told from failed. (Polled:
+    // api-2's instance re-registered after its rollback, see `registry_config`.)
+    let marks = rollout_marks(&reg, &viewer, |m| m.len() == 4).await;
+    assert_eq!(
+        marks.get("api-4"),
+        Some(&json!({"id": id, "step": "pending", "reason": null})),
+        "{marks:?}"
+    );
+    assert_eq!(marks["api-2"]["step"], "failed", "{marks:?}");
+    assert!(
+        marks["api-2"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("health check failed")),
+        "{marks:?}"
+    );
 
     fleet.let_go("api-3", V2);
     let card = wait_for_card(
@@ -549,6 +600,8 @@ async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_fr
         summary.starts_with("Rollout completed: 3/4 successful (75.0%), 1 failed, 0 skipped in "),
         "{summary}"
     );
+    // Once it ended, only the node it failed on keeps a mark.
+    rollout_marks(&reg, &viewer, |m| m.keys().eq(["api-2"])).await;
 
     // A release that is not rollback-safe, failing on the canary: frozen, needs a person.
     // (The agents are named: every one of them, whatever the registry lists this instant.)

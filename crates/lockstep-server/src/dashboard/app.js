@@ -16,7 +16,7 @@
     'rollout_aborted', 'rollout_frozen', 'rollout_retried', 'rollout_abort_requested',
     'worker_update_started', 'worker_backup_created', 'worker_update_completed',
     'worker_update_failed', 'worker_rollback_started', 'worker_rollback_completed',
-    'worker_rollback_failed', 'worker_version_checked',
+    'worker_rollback_failed', 'worker_version_checked', 'rollout_node_failed',
   ];
   // Steps of a node in a rollout, as the grid spells them for an instance.
   const STEP_LABEL = {
@@ -198,27 +198,10 @@
     fig.replaceChildren(root, table);
   }
 
-  // What a rollout is doing with an instance: the `rollout` field of the instance when the
-  // registry sends one, else the node lists of the rollouts in the same document (a running
-  // rollout first; of finished ones only a failure, which outlives the rollout).
-  function rolloutOf(i) {
-    if (i.rollout && i.rollout.step) return i.rollout;
-    const key = (r, n) => `${r.env}/${r.service}/${n}`;
-    const mine = key(i, i.instance_id);
-    const node = (r) => r.nodes.find((x) => key(r, x.instance_id) === mine);
-    for (const r of rollouts) {
-      const n = r.running && node(r);
-      if (n) return { id: r.id, step: n.step, reason: n.reason };
-    }
-    // Rollouts come newest first: the latest finished one that took the node decides.
-    for (const r of rollouts) {
-      const n = !r.running && node(r);
-      if (!n) continue;
-      const bad = n.step === 'failed' || n.step === 'rollback_failed';
-      return bad ? { id: r.id, step: n.step, reason: n.reason } : null;
-    }
-    return null;
-  }
+  // What a rollout is doing with an instance: the registry's `rollout` mark (the same one
+  // `lockstep status` and `verify` show), present while its service's latest rollout runs
+  // and, after it ended, on the nodes it failed on or skipped.
+  const rolloutOf = (i) => (i.rollout && i.rollout.step ? i.rollout : null);
   function rolloutLabel(ro) {
     const f = STEP_LABEL[ro.step];
     const base = f ? f(ro.id) : `${ro.step} in rollout ${ro.id}`;
