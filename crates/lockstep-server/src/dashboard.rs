@@ -351,12 +351,12 @@ pub struct RolloutCard {
 }
 
 /// Nodes of a rollout per step. `pending` is waiting for its batch while the rollout runs;
-/// once it stopped, the summary line counts a node never reached as skipped.
+/// once it stopped, a node never reached counts as skipped, as in the summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutCounts {
     /// Every node.
     pub total: u32,
-    /// Not touched yet.
+    /// Not touched yet, while the rollout runs (0 once it stopped).
     pub pending: u32,
     /// Being updated or rolled back.
     pub in_progress: u32,
@@ -405,6 +405,11 @@ pub fn rollout_card(v: &RolloutView) -> RolloutCard {
             // failure rather than hidden.
             _ => counts.failed += 1,
         }
+    }
+    if !v.running {
+        // Stopped: a node never reached is skipped, as the summary line counts it.
+        counts.skipped += counts.pending;
+        counts.pending = 0;
     }
     let step = |n: &NodeView| RolloutNodeStep {
         instance_id: n.instance_id.clone(),

@@ -629,7 +629,18 @@ async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_fr
     )
     .await;
     assert_eq!(card["needs_person"], true, "{card}");
-    assert_eq!(card["counts"]["failed"], 1, "{card}");
+    assert_eq!(card["running"], false, "{card}");
+    assert_eq!(
+        card["counts"],
+        json!({"total": 4, "pending": 0, "in_progress": 0, "updated": 0, "failed": 1,
+               "skipped": 3, "rolled_back": 0}),
+        "stopped: the nodes never reached are skipped, as in the summary line: {card}"
+    );
+    let summary = card["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with("Rollout frozen: 0/4 successful (0.0%), 1 failed, 3 skipped"),
+        "{summary}"
+    );
     let (_, doc) = dashboard(&reg, &viewer, "").await;
     let listed: Vec<i64> = doc["rollouts"]
         .as_array()

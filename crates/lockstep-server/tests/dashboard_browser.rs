@@ -258,7 +258,9 @@ async fn a_new_release_shows_stale_instances_in_the_open_dashboard_within_two_se
 /// shows it running with its progress (canary updated, one node failed, one worked on, one
 /// waiting), the grid tells the node waiting for its batch from the one that failed though
 /// both are `draining`, and once it finishes the panel shows the summary line and the
-/// update success chart its bar (3 successful, 1 failed). Nothing overflows at phone width.
+/// update success chart its bar (3 successful, 1 failed). Nothing overflows at phone width,
+/// where a second rollout, of a release that is not rollback-safe, freezes and its card
+/// says a person must decide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_runs_live_in_the_panel_and_chart_and_the_grid_tells_waiting_from_failed() {
     if skip() {
@@ -406,6 +408,48 @@ async fn a_rollout_runs_live_in_the_panel_and_chart_and_the_grid_tells_waiting_f
         b.eval("document.documentElement.scrollWidth").await,
         b.eval("document.documentElement.clientWidth").await,
         b.eval("Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth).map(e => e.tagName + '#' + e.id + '.' + e.className + ':' + Math.round(e.getBoundingClientRect().right)).slice(0, 12).join(' ')").await
+    );
+
+    // A release that is not rollback-safe fails on its canary: the rollout freezes, and its
+    // card stays on top of the panel, saying a person must decide.
+    const V3: &str = "e5b2aa7c9d10";
+    let v3 = fleet.package(V3, "3.0.0");
+    fleet.sicken("api-1", V3);
+    let agents: Vec<&str> = fleet.nodes.iter().map(|n| n.url.as_str()).collect();
+    let frozen = fleet
+        .start_rollout(
+            &reg.url,
+            ADMIN_TOKEN,
+            V3,
+            &v3,
+            json!({"canary": 1, "rollback_safe": false, "agents": agents}),
+        )
+        .await;
+    let frozen_id = frozen["id"].as_i64().expect("rollout id");
+    expect_page(
+        &b,
+        &format!(
+            r#"(() => {{
+                const first = document.querySelector('#rollouts article');
+                return first?.dataset.rollout === '{frozen_id}' && first.dataset.state === 'frozen'
+                    && first.querySelector('.phase').textContent === 'frozen'
+                    && document.getElementById('rollouts-count').textContent === '(1 frozen)'
+                    && first.querySelector('.person')?.textContent.includes('lockstep rollout retry {frozen_id}')
+                    && document.querySelector('#rollouts article[data-rollout="{id}"]')?.dataset.state === 'finished';
+            }})()"#
+        ),
+        Duration::from_secs(30),
+        "the frozen rollout first, needing a person, the finished one below",
+    )
+    .await;
+    assert!(
+        b.until(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth",
+            Duration::from_secs(2),
+        )
+        .await
+        .is_some(),
+        "the frozen card fits at phone width"
     );
     b.client
         .execute(

@@ -252,7 +252,10 @@
     }
     const running = list.filter((r) => r.running || r.needs_person);
     const finished = list.filter((r) => !r.running && !r.needs_person).slice(0, FINISHED_SHOWN);
-    $('rollouts-count').textContent = running.length ? `(${running.length} running)` : '';
+    const frozen = running.filter((r) => r.needs_person).length;
+    const live = running.length - frozen;
+    $('rollouts-count').textContent = [live ? `${live} running` : '',
+      frozen ? `${frozen} frozen` : ''].filter(Boolean).join(', ').replace(/^(.+)$/, '($1)');
     $('rollouts-note').textContent = list.length ? '' : 'No rollout yet.';
     box.replaceChildren(...running.concat(finished).map(rolloutItem));
   }
@@ -272,7 +275,7 @@
         el('span', { class: 'mono' }, r.version)),
       el('span', { class: `phase ph-${r.phase}` }, phase),
       el('span', { class: 'when' }, r.running ? `running ${secs(Math.round(r.elapsed_secs))}`
-        : r.outcome ? `${r.outcome} · finished` : 'stopped')));
+        : r.needs_person ? 'waiting for a person' : r.outcome ? `${r.outcome} · finished` : 'stopped')));
     if (r.needs_person) {
       item.append(el('p', { class: 'person', role: 'alert' },
         `Frozen: release ${r.version} is not rollback-safe and nodes failed. Nothing was ` +
