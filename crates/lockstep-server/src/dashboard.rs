@@ -1,6 +1,6 @@
 //! The live dashboard: the page at `/` (a sign-in form without a valid session), the session
 //! cookie (`POST /login`, `POST /logout`), its embedded assets (`/assets/*`), and its data
-//! endpoint `GET /v1/dashboard`.
+//! endpoint `GET /v1/dashboard` (the fleet report, plus the rollouts panel's data).
 //!
 //! The session is the token itself in an HttpOnly, SameSite=Strict cookie: nothing to store
 //! server-side, and revoking the token ends the session. Every non-GET request the cookie
@@ -21,7 +21,7 @@ use lockstep_api::{
     ServiceCounts,
 };
 use lockstep_core::{Instance, Role, Status, StatusCounts, drift_secs, instance_status, short_id};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,7 @@ use crate::error::ApiError;
 use crate::service::Poisoned;
 use crate::service::fleet::Fleet;
 use crate::service::projection::Change;
+use crate::service::rollout::{self, NodeView, RolloutMarks, RolloutView};
 use crate::state::AppState;
 
 /// Largest page of instances `/v1/dashboard` returns.
@@ -40,6 +41,9 @@ pub const MAX_PER_PAGE: u32 = 500;
 pub const DEFAULT_PER_PAGE: u32 = 60;
 /// How many recent deploys `/v1/dashboard` lists.
 pub const DEPLOYS_SHOWN: usize = 20;
+/// How many rollouts `/v1/dashboard` lists: every running one, and the most recent finished
+/// ones up to this many in all (the update success chart draws them).
+pub const ROLLOUTS_SHOWN: usize = 12;
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const LOGIN_HTML: &str = include_str!("dashboard/login.html");
@@ -289,11 +293,192 @@ pub struct DashboardQuery {
     pub per_page: Option<u32>,
 }
 
-/// The fleet's summary, its per-service counts and recent deploys, and one page of
-/// instances.
+/// `GET /v1/dashboard`: the fleet report and, beside it, the rollouts the page's panel and
+/// update success chart draw.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DashboardDocument {
+    /// Summary, counts, deploys and the page of instances.
+    #[serde(flatten)]
+    pub report: DashboardReport,
+    /// Every running rollout and the most recent finished ones (12 in all at most, fewer
+    /// when fewer exist), newest first; `null` when the store did not answer (the rest of
+    /// the document comes from memory and is still shown).
+    pub rollouts: Option<Vec<RolloutCard>>,
+}
+
+/// A rollout as the dashboard draws it: where it is, how far, what it is doing now.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RolloutCard {
+    /// Rollout id.
+    pub id: i64,
+    /// Environment.
+    pub env: String,
+    /// Service.
+    pub service: String,
+    /// First 8 characters of the target release's version id.
+    pub version: String,
+    /// First 8 characters of the release before, if any.
+    pub previous_version: Option<String>,
+    /// `canary`, `batches`, `rolling_back`, `frozen`, `completed`, `rolled_back`, `aborted`.
+    pub phase: String,
+    /// Whether it still runs (a frozen rollout waits for a person and is not running).
+    pub running: bool,
+    /// Whether a person must act: frozen (failures in a release that is not rollback-safe;
+    /// nothing happens until someone retries or aborts it).
+    pub needs_person: bool,
+    /// A request not yet acted on (`abort`, `emergency`).
+    pub request: Option<String>,
+    /// `succeeded`, `failed`, `aborted` once finished.
+    pub outcome: Option<String>,
+    /// The summary line (`Rollout completed: 3/4 successful (75.0%), 1 failed, 0 skipped in 9s`).
+    pub summary: String,
+    /// Who started it.
+    pub actor: String,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Seconds from creation to the end (or now).
+    pub elapsed_secs: f64,
+    /// Nodes per step.
+    pub counts: RolloutCounts,
+    /// Nodes being updated or rolled back right now.
+    pub working_on: Vec<String>,
+    /// The node that changed step last.
+    pub last_change: Option<RolloutNodeStep>,
+    /// Every node and its step, in rollout order.
+    pub nodes: Vec<RolloutNodeStep>,
+}
+
+/// Nodes of a rollout per step. `pending` is waiting for its batch while the rollout runs;
+/// once it stopped, a node never reached counts as skipped, as in the summary line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RolloutCounts {
+    /// Every node.
+    pub total: u32,
+    /// Not touched yet, while the rollout runs (0 once it stopped).
+    pub pending: u32,
+    /// Being updated or rolled back.
+    pub in_progress: u32,
+    /// On the new release, healthy.
+    pub updated: u32,
+    /// Whose update (or rollback) failed.
+    pub failed: u32,
+    /// Left alone (already on the release, or the rollout stopped before its turn).
+    pub skipped: u32,
+    /// Back on the release before.
+    pub rolled_back: u32,
+}
+
+/// One node's step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RolloutNodeStep {
+    /// Instance id (or the agent URL when the rollout was given agents).
+    pub instance_id: String,
+    /// `pending`, `updating`, `updated`, `failed`, `rolling_back`, `rolled_back`,
+    /// `rollback_failed`, `skipped`.
+    pub step: String,
+    /// Why (failures, skips).
+    pub reason: Option<String>,
+    /// When it reached this step (RFC 3339).
+    pub at: String,
+}
+
+/// Builds the card of a rollout from its API view.
+pub fn rollout_card(v: &RolloutView) -> RolloutCard {
+    let mut counts = RolloutCounts {
+        total: u32::try_from(v.nodes.len()).unwrap_or(u32::MAX),
+        ..RolloutCounts::default()
+    };
+    let mut working_on = Vec::new();
+    for n in &v.nodes {
+        match n.step.as_str() {
+            "pending" => counts.pending += 1,
+            "updating" | "rolling_back" => {
+                counts.in_progress += 1;
+                working_on.push(n.instance_id.clone());
+            }
+            "updated" => counts.updated += 1,
+            "skipped" => counts.skipped += 1,
+            "rolled_back" => counts.rolled_back += 1,
+            // `failed`, `rollback_failed`, and a step this build does not know: shown as a
+            // failure rather than hidden.
+            _ => counts.failed += 1,
+        }
+    }
+    if !v.running {
+        // Stopped: a node never reached is skipped, as the summary line counts it.
+        counts.skipped += counts.pending;
+        counts.pending = 0;
+    }
+    let step = |n: &NodeView| RolloutNodeStep {
+        instance_id: n.instance_id.clone(),
+        step: n.step.clone(),
+        reason: n.reason.clone(),
+        at: n.updated_at.clone(),
+    };
+    // RFC 3339 UTC strings from one formatter order as their instants; a node never touched
+    // has not changed.
+    let last_change = v
+        .nodes
+        .iter()
+        .filter(|n| n.step != "pending")
+        .max_by(|a, b| a.updated_at.cmp(&b.updated_at))
+        .map(step);
+    RolloutCard {
+        id: v.id,
+        env: v.env.clone(),
+        service: v.service.clone(),
+        version: short_id(&v.version_id).to_string(),
+        previous_version: v
+            .previous_version_id
+            .as_deref()
+            .map(|p| short_id(p).to_string()),
+        // Frozen is final for the coordinator: only a retry or an abort moves it on.
+        needs_person: v.phase == "frozen",
+        phase: v.phase.clone(),
+        running: v.running,
+        request: v.request.clone(),
+        outcome: v.outcome.clone(),
+        summary: v.summary.clone(),
+        actor: v.actor.clone(),
+        created_at: v.created_at.clone(),
+        finished_at: v.finished_at.clone(),
+        elapsed_secs: v.elapsed_secs,
+        counts,
+        working_on,
+        last_change,
+        nodes: v.nodes.iter().map(step).collect(),
+    }
+}
+
+/// Every running rollout and the newest finished ones, up to [`ROLLOUTS_SHOWN`] in all,
+/// newest first.
+async fn rollout_cards(st: &AppState) -> Result<Vec<RolloutCard>, lockstep_store::StoreError> {
+    let store = st.service.store();
+    let mut rows = store.rollouts(true, 1000).await?;
+    let running = rows.len();
+    let recent = store
+        .rollouts(false, u32::try_from(ROLLOUTS_SHOWN).unwrap_or(u32::MAX))
+        .await?;
+    let room = ROLLOUTS_SHOWN.saturating_sub(running);
+    rows.extend(recent.into_iter().filter(|r| !r.running).take(room));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.id));
+    // One that finished between the two reads is in both.
+    rows.dedup_by_key(|r| r.id);
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let nodes = store.rollout_nodes(r.id).await?;
+        out.push(rollout_card(&rollout::view(&r, &nodes)));
+    }
+    Ok(out)
+}
+
+/// The fleet's summary, its per-service counts and recent deploys, one page of instances,
+/// and the running and recent rollouts.
 #[utoipa::path(get, path = "/v1/dashboard", tag = "status", params(DashboardQuery),
     responses(
-        (status = 200, description = "summary, counts, deploys and a page of instances", body = DashboardReport),
+        (status = 200, description = "summary, counts, deploys, a page of instances and the rollouts", body = DashboardDocument),
         (status = 400, description = "`bad_request`: a bad filter, page or page size", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token or an unknown one", body = ErrorBody),
         (status = 403, description = "`forbidden`: needs the viewer role", body = ErrorBody),
@@ -303,7 +488,7 @@ pub async fn dashboard(
     Auth(_who, _): Auth<auth::Viewer>,
     State(st): State<Arc<AppState>>,
     Query(q): Query<DashboardQuery>,
-) -> Result<Json<DashboardReport>, ApiError> {
+) -> Result<Json<DashboardDocument>, ApiError> {
     crate::status::check_filters(q.env.as_deref(), q.service.as_deref())?;
     let page = q.page.unwrap_or(1);
     let per_page = q.per_page.unwrap_or(DEFAULT_PER_PAGE);
@@ -315,15 +500,29 @@ pub async fn dashboard(
             "per_page must be between 1 and {MAX_PER_PAGE}"
         )));
     }
-    Ok(Json(report(&st, &q, page, per_page)?))
+    // Each instance's place in its service's latest rollout, as `/v1/status` gives it: at
+    // most one store read, none while no event was applied since the last.
+    let marks = st.service.rollout_marks().await;
+    let report = report(&st, &q, page, per_page, &marks)?;
+    // The report comes from memory; the rollouts from the store. A store that does not
+    // answer costs the panel (which then says so), not the whole page.
+    let rollouts = match rollout_cards(&st).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: rollouts unreadable");
+            None
+        }
+    };
+    Ok(Json(DashboardDocument { report, rollouts }))
 }
 
-/// Builds the whole answer.
+/// Builds the fleet report; each instance on the page carries its rollout mark from `marks`.
 pub fn report(
     st: &AppState,
     q: &DashboardQuery,
     page: u32,
     per_page: u32,
+    marks: &RolloutMarks,
 ) -> Result<DashboardReport, Poisoned> {
     let now = OffsetDateTime::now_utc();
     let projection = st.service.projection();
@@ -331,7 +530,9 @@ pub fn report(
     let expected = expected_map(st)?;
     let (services, instances) = projection.with_fleet(|fleet| {
         let services = service_counts(fleet, &expected, now, ttl);
-        let page = instance_page(fleet, &expected, &services, q, now, ttl, page, per_page);
+        let page = instance_page(
+            fleet, &expected, &services, q, now, ttl, page, per_page, marks,
+        );
         (services, page)
     })?;
     let deploys = deploys(st)?;
@@ -517,6 +718,7 @@ fn instance_page(
     ttl: Duration,
     page: u32,
     per_page: u32,
+    marks: &RolloutMarks,
 ) -> InstancePage {
     let scopes: Vec<&ServiceCounts> = services
         .iter()
@@ -592,7 +794,7 @@ fn instance_page(
                     instance: inst.clone(),
                     status,
                     drift_secs: drift,
-                    rollout: None,
+                    rollout: marks.of(inst),
                 }),
         );
         before += n;

@@ -1,6 +1,9 @@
 //! The dashboard's server side over real sockets, without a browser: the session cookie's
-//! attributes, CSRF protection of cookie-authenticated writes, the embedded assets, and
-//! the paging and filters of `GET /v1/dashboard`.
+//! attributes, CSRF protection of cookie-authenticated writes, the embedded assets, the
+//! paging and filters of `GET /v1/dashboard`, and its rollouts (a real rollout over real
+//! agents on loopback).
+
+mod support;
 
 use lockstep_core::Role;
 use lockstep_testkit::{ADMIN_TOKEN, InProcessRegistry};
@@ -441,4 +444,209 @@ async fn every_dashboard_asset_is_served_from_the_binary_and_loads_nothing_from_
         .await
         .expect("send");
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+type Marks = std::collections::BTreeMap<String, Value>;
+
+/// The `rollout` mark of every instance on the dashboard's first page that has one, once
+/// `pred` holds for them (within 5 s).
+async fn rollout_marks(
+    reg: &InProcessRegistry,
+    token: &str,
+    pred: impl Fn(&Marks) -> bool,
+) -> Marks {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, doc) = dashboard(reg, token, "").await;
+        assert_eq!(status, StatusCode::OK);
+        let marks: Marks = doc["instances"]["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| !i["rollout"].is_null())
+            .map(|i| {
+                (
+                    i["instance_id"].as_str().unwrap_or_default().to_string(),
+                    i["rollout"].clone(),
+                )
+            })
+            .collect();
+        if pred(&marks) {
+            return marks;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rollout marks: {marks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The card of a rollout over four real agents, read through `/v1/dashboard` as it runs:
+/// canary `api-1` updated, `api-2` failed its health check (with the agent's reason),
+/// `api-3` held in its health check and worked on, `api-4` waiting for its batch; once
+/// `api-3` is let go, the card is finished with its outcome, the summary line and the
+/// counts the update success chart draws. A second rollout of a release that is not
+/// rollback-safe freezes on a failure, and its card says a person must act.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_follows_a_rollout_from_progress_to_its_summary_and_flags_a_frozen_one() {
+    use support::fleet::{
+        AGENT_TOKEN, Fleet, V1, V2, registry_config, wait_for_card, wait_for_endpoints,
+    };
+    let reg = InProcessRegistry::start_with(registry_config()).await;
+    reg.service
+        .rollouts()
+        .set_agent_token(Some(AGENT_TOKEN.into()));
+    register(&reg, "production", "api", V1).await;
+    let viewer = reg.token("wall", Role::Viewer).await;
+    let (_, empty) = dashboard(&reg, &viewer, "").await;
+    assert_eq!(empty["rollouts"], json!([]), "no rollout yet: {empty}");
+
+    let ids = ["api-1", "api-2", "api-3", "api-4"];
+    let fleet = Fleet::start(&reg.url, ADMIN_TOKEN, &ids, &["api-3"]).await;
+    wait_for_endpoints(&reg.url, ADMIN_TOKEN, &ids).await;
+    fleet.sicken("api-2", V2);
+    fleet.hold("api-3", V2);
+    let v2 = fleet.package(V2, "2.0.0");
+    let started = fleet
+        .start_rollout(
+            &reg.url,
+            ADMIN_TOKEN,
+            V2,
+            &v2,
+            json!({"canary": 1, "concurrency": 1, "max_failures": 1}),
+        )
+        .await;
+    let id = started["id"].as_i64().expect("rollout id");
+
+    let card = wait_for_card(
+        &reg.url,
+        &viewer,
+        id,
+        Duration::from_secs(30),
+        "api-3 worked on",
+        |c| c["working_on"] == json!(["api-3"]),
+    )
+    .await;
+    assert_eq!(card["running"], true, "{card}");
+    assert_eq!(card["phase"], "batches", "{card}");
+    assert_eq!(card["needs_person"], false, "{card}");
+    assert_eq!(card["outcome"], Value::Null, "{card}");
+    assert_eq!(card["version"], &V2[..8], "8 characters of the version id");
+    assert_eq!(card["previous_version"], &V1[..8]);
+    assert_eq!(
+        card["counts"],
+        json!({"total": 4, "pending": 1, "in_progress": 1, "updated": 1, "failed": 1,
+               "skipped": 0, "rolled_back": 0}),
+        "{card}"
+    );
+    let steps: Vec<&str> = card["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["step"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        steps,
+        ["updated", "failed", "updating", "pending"],
+        "{card}"
+    );
+    let reason = card["nodes"][1]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("health check failed"), "{card}");
+    assert_eq!(
+        card["nodes"][3]["reason"],
+        Value::Null,
+        "waiting has no reason"
+    );
+    assert_eq!(card["last_change"]["instance_id"], "api-3", "{card}");
+    assert_eq!(card["last_change"]["step"], "updating", "{card}");
+    // The page of instances carries each node's mark: waiting told from failed. (Polled:
+    // api-2's instance re-registered after its rollback, see `registry_config`.)
+    let marks = rollout_marks(&reg, &viewer, |m| m.len() == 4).await;
+    assert_eq!(
+        marks.get("api-4"),
+        Some(&json!({"id": id, "step": "pending", "reason": null})),
+        "{marks:?}"
+    );
+    assert_eq!(marks["api-2"]["step"], "failed", "{marks:?}");
+    assert!(
+        marks["api-2"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("health check failed")),
+        "{marks:?}"
+    );
+
+    fleet.let_go("api-3", V2);
+    let card = wait_for_card(
+        &reg.url,
+        &viewer,
+        id,
+        Duration::from_secs(30),
+        "finished",
+        |c| c["running"] == false,
+    )
+    .await;
+    assert_eq!(card["phase"], "completed", "{card}");
+    assert_eq!(card["outcome"], "succeeded", "{card}");
+    assert_eq!(card["working_on"], json!([]));
+    assert_eq!(
+        card["counts"],
+        json!({"total": 4, "pending": 0, "in_progress": 0, "updated": 3, "failed": 1,
+               "skipped": 0, "rolled_back": 0}),
+        "{card}"
+    );
+    let summary = card["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with("Rollout completed: 3/4 successful (75.0%), 1 failed, 0 skipped in "),
+        "{summary}"
+    );
+    // Once it ended, only the node it failed on keeps a mark.
+    rollout_marks(&reg, &viewer, |m| m.keys().eq(["api-2"])).await;
+
+    // A release that is not rollback-safe, failing on the canary: frozen, needs a person.
+    // (The agents are named: every one of them, whatever the registry lists this instant.)
+    const V3: &str = "e5b2aa7c9d10";
+    let v3 = fleet.package(V3, "3.0.0");
+    fleet.sicken("api-1", V3);
+    let agents: Vec<&str> = fleet.nodes.iter().map(|n| n.url.as_str()).collect();
+    let frozen = fleet
+        .start_rollout(
+            &reg.url,
+            ADMIN_TOKEN,
+            V3,
+            &v3,
+            json!({"canary": 1, "rollback_safe": false, "agents": agents}),
+        )
+        .await;
+    let frozen_id = frozen["id"].as_i64().expect("rollout id");
+    let card = wait_for_card(
+        &reg.url,
+        &viewer,
+        frozen_id,
+        Duration::from_secs(30),
+        "frozen",
+        |c| c["phase"] == "frozen",
+    )
+    .await;
+    assert_eq!(card["needs_person"], true, "{card}");
+    assert_eq!(card["running"], false, "{card}");
+    assert_eq!(
+        card["counts"],
+        json!({"total": 4, "pending": 0, "in_progress": 0, "updated": 0, "failed": 1,
+               "skipped": 3, "rolled_back": 0}),
+        "stopped: the nodes never reached are skipped, as in the summary line: {card}"
+    );
+    let summary = card["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with("Rollout frozen: 0/4 successful (0.0%), 1 failed, 3 skipped"),
+        "{summary}"
+    );
+    let (_, doc) = dashboard(&reg, &viewer, "").await;
+    let listed: Vec<i64> = doc["rollouts"]
+        .as_array()
+        .expect("rollouts")
+        .iter()
+        .filter_map(|c| c["id"].as_i64())
+        .collect();
+    assert_eq!(listed, [frozen_id, id], "newest first: {doc}");
 }
