@@ -461,7 +461,7 @@ pub(crate) fn channels_event(channels: &[ChannelConfig], actor: &str) -> NewEven
 }
 
 /// Milliseconds since the epoch: how instance times are compared inside the store.
-pub(crate) fn millis(t: OffsetDateTime) -> i64 {
+pub fn millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 

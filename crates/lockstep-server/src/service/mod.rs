@@ -430,6 +430,20 @@ impl RegistryService {
             .deregister_instance(id, actor)
             .await?
             .ok_or_else(|| RegistryError::NotFound(format!("no instance {id:?} is registered")))?;
+        // The store lets a heartbeat replace the tombstone only when it is newer, compared
+        // in milliseconds. A worker that re-registers at once after this answer (the
+        // agent does, after each apply) could land in the tombstone's own millisecond and
+        // be dropped until its next heartbeat; answering only once that millisecond has
+        // passed makes every heartbeat caused by the answer count as newer. Bounded, so a
+        // `last_seen` from a replica whose clock runs ahead costs at most a few ms.
+        let tombstone_ms = lockstep_store::millis(OffsetDateTime::now_utc())
+            .max(lockstep_store::millis(inst.last_seen));
+        for _ in 0..5 {
+            if lockstep_store::millis(OffsetDateTime::now_utc()) > tombstone_ms {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(250)).await;
+        }
         self.settle(0, ev.id).await;
         tracing::info!(instance = %id, service = %inst.service, "instance deregistered");
         Ok(inst)

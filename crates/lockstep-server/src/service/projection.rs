@@ -144,6 +144,10 @@ pub struct Projection {
     instances: Mutex<Fleet>,
     /// Instance ids changed by local heartbeats since the last flush.
     dirty: Mutex<HashSet<String>>,
+    /// Instance ids this replica is writing or wrote to the feed, with the last feed
+    /// position of that write (`i64::MAX` while it is in flight), until the cursor passes
+    /// it. An older tombstone read meanwhile must not remove what the write brought back.
+    unsettled: Mutex<HashMap<String, i64>>,
     changes: broadcast::Sender<Arc<Change>>,
     events: broadcast::Sender<Arc<Event>>,
     cursors: watch::Sender<Cursors>,
@@ -175,6 +179,7 @@ impl Projection {
             tokens: TokenSet::default(),
             instances: Mutex::new(Fleet::default()),
             dirty: Mutex::new(HashSet::new()),
+            unsettled: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
             events: broadcast::channel(1024).0,
             cursors: watch::channel(Cursors {
@@ -513,6 +518,7 @@ impl Projection {
             // Never backwards: a local flush may have moved the cursor past its own rows.
             self.cursors
                 .send_modify(|c| c.instance_seq = c.instance_seq.max(seq));
+            self.settle_unsettled();
             if n < (PAGE * 5) as usize {
                 return Ok(());
             }
@@ -524,9 +530,13 @@ impl Projection {
         let Ok(mut map) = lock(&self.instances) else {
             return;
         };
-        // Held while merging (instances, then dirty: the order every other path uses or
-        // never nests), rather than copying the whole dirty set every poll.
+        // Held while merging (instances, then dirty, then unsettled: the order every
+        // other path uses or never nests), rather than copying the whole dirty set every
+        // poll.
         let Ok(dirty) = lock(&self.dirty) else {
+            return;
+        };
+        let Ok(unsettled) = lock(&self.unsettled) else {
             return;
         };
         let ttl = self.instance_ttl();
@@ -548,9 +558,13 @@ impl Projection {
                     }
                 }
                 None => {
-                    if !dirty.contains(&c.instance_id)
-                        && let Some(t) = map.remove(&c.instance_id)
-                    {
+                    // A local heartbeat waiting for its flush, or written after this
+                    // tombstone, is newer than the deregistration or the forgetting.
+                    let superseded = dirty.contains(&c.instance_id)
+                        || unsettled
+                            .get(&c.instance_id)
+                            .is_some_and(|&written| written > c.seq);
+                    if !superseded && let Some(t) = map.remove(&c.instance_id) {
                         if let Some(s) = &sink {
                             s.removed(&t);
                         }
@@ -576,11 +590,13 @@ impl Projection {
         let (inst, r) = update(prev);
         let announced = matters(prev, &inst, self.instance_ttl()).then(|| inst.clone());
         map.insert(inst);
+        // Marked dirty under the instance lock: a merge in between would see a fresh
+        // instance nobody will flush and let an older tombstone remove it.
+        lock(&self.dirty)?.insert(id.to_string());
         drop(map);
         if let Some(i) = announced {
             self.announce(InstanceUpdate::Upserted(i));
         }
-        lock(&self.dirty)?.insert(id.to_string());
         Ok(r)
     }
 
@@ -589,6 +605,11 @@ impl Projection {
     /// the cursor moves past them without reading them back: with one replica the
     /// instance feed then costs no read at all.
     pub fn wrote_instances(&self, first: i64, last: i64, written: &[Instance]) {
+        if let Ok(mut u) = lock(&self.unsettled) {
+            for i in written {
+                u.insert(i.instance_id.clone(), last);
+            }
+        }
         let mut skipped = false;
         self.cursors.send_modify(|c| {
             if c.instance_seq == first - 1 {
@@ -596,6 +617,7 @@ impl Projection {
                 skipped = true;
             }
         });
+        self.settle_unsettled();
         // What the projector would have told the sink had it read them back.
         if skipped && let Some(sink) = self.sink() {
             for i in written {
@@ -605,8 +627,20 @@ impl Projection {
     }
 
     /// Takes the instances changed by local heartbeats since the last call.
+    /// They count as in flight (see `unsettled`) until [`Projection::wrote_instances`] or
+    /// [`Projection::restore_dirty`].
     pub fn take_dirty(&self) -> Result<Vec<Instance>, Poisoned> {
-        let ids: Vec<String> = lock(&self.dirty)?.drain().collect();
+        let ids: Vec<String> = {
+            let mut dirty = lock(&self.dirty)?;
+            // Moved under the dirty lock, so a merge always sees them in one set or the other.
+            let mut unsettled = lock(&self.unsettled)?;
+            dirty
+                .drain()
+                .inspect(|id| {
+                    unsettled.insert(id.clone(), i64::MAX);
+                })
+                .collect()
+        };
         let map = lock(&self.instances)?;
         Ok(ids.iter().filter_map(|id| map.get(id).cloned()).collect())
     }
@@ -614,7 +648,21 @@ impl Projection {
     /// Puts back instances whose flush failed, unless they were replaced meanwhile.
     pub fn restore_dirty(&self, ids: impl IntoIterator<Item = String>) {
         if let Ok(mut d) = lock(&self.dirty) {
+            let ids: Vec<String> = ids.into_iter().collect();
+            if let Ok(mut u) = lock(&self.unsettled) {
+                for id in &ids {
+                    u.remove(id);
+                }
+            }
             d.extend(ids);
+        }
+    }
+
+    /// Forgets the local writes the instance cursor has passed.
+    fn settle_unsettled(&self) {
+        let cursor = self.cursors.borrow().instance_seq;
+        if let Ok(mut u) = lock(&self.unsettled) {
+            u.retain(|_, &mut written| written > cursor);
         }
     }
 }
@@ -677,6 +725,91 @@ pub async fn run_projector(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn instance(id: &str, version: &str) -> Instance {
+        let now = time::OffsetDateTime::now_utc();
+        Instance {
+            instance_id: id.into(),
+            env: "production".into(),
+            service: "api".into(),
+            version_id: version.into(),
+            git_sha: None,
+            build_date: None,
+            components: Default::default(),
+            host: None,
+            pid: None,
+            started_at: None,
+            first_seen: now,
+            last_seen: now,
+            endpoint: None,
+            health: None,
+        }
+    }
+
+    fn beat(p: &Projection, id: &str, version: &str) {
+        p.heartbeat(id, |_| (instance(id, version), ()))
+            .expect("heartbeat");
+    }
+
+    async fn flush(p: &Projection, store: &dyn Store, batch: Vec<Instance>) {
+        let (first, last) = store
+            .save_instances(&batch)
+            .await
+            .expect("save")
+            .expect("written");
+        p.wrote_instances(first, last, &batch);
+    }
+
+    /// The agent deregisters its worker and the new one heartbeats at once. The poll that
+    /// read the tombstone before the new heartbeat's flush must not remove it after,
+    /// or the instance vanishes until its next heartbeat.
+    #[tokio::test]
+    async fn a_tombstone_read_before_a_local_flush_does_not_remove_what_the_flush_wrote() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = lockstep_store::SqliteStore::open(dir.path())
+            .await
+            .expect("store");
+        let p = Projection::load(&store).await.expect("load");
+        beat(&p, "n-1", "v1");
+        let batch = p.take_dirty().expect("dirty");
+        flush(&p, &store, batch).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        store
+            .deregister_instance("n-1", "worker")
+            .await
+            .expect("deregister")
+            .expect("registered");
+        p.catch_up_log(&store).await.expect("events");
+        assert!(p.instances_of("production", "api").expect("map").is_empty());
+
+        // The projector reads the feed (the tombstone) …
+        let page = store
+            .instances_since(p.cursors().instance_seq, 100)
+            .await
+            .expect("feed");
+        assert!(page.iter().all(|c| c.instance.is_none()));
+        // … the worker comes back and the flusher takes it …
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        beat(&p, "n-1", "v2");
+        let batch = p.take_dirty().expect("dirty");
+        // … the projector applies what it read, then the flush lands.
+        p.merge_instances(page);
+        p.cursors.send_modify(|c| c.instance_seq += 1);
+        flush(&p, &store, batch).await;
+
+        let here = |p: &Projection| {
+            p.instances_of("production", "api")
+                .expect("map")
+                .into_iter()
+                .map(|i| i.version_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(here(&p), vec!["v2".to_string()]);
+        p.catch_up_instances(&store).await.expect("catch up");
+        assert_eq!(here(&p), vec!["v2".to_string()]);
+        // Once the cursor passed the write, nothing is kept for it.
+        assert!(lock(&p.unsettled).expect("lock").is_empty());
+    }
 
     #[tokio::test]
     async fn a_poisoned_release_map_reads_as_unavailable_never_as_no_release() {
