@@ -141,6 +141,14 @@ fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
         }
     };
     rt.block_on(async {
+        let sweeper = tokio::spawn(async {
+            let mut every = tokio::time::interval(IDLE_FOR / 3);
+            loop {
+                every.tick().await;
+                sweep();
+            }
+        });
+        let _stop_sweeper = AbortOnDrop(sweeper);
         let graceful = GracefulShutdown::new();
         while let Some(msg) = rx.recv().await {
             match msg {
@@ -158,6 +166,14 @@ fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // The pooled upstream connections belong to this runtime: close them with it.
     POOL.with(|p| p.borrow_mut().idle.clear());
     drop(rt);
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counts an open client connection for as long as it lives.
@@ -211,7 +227,17 @@ struct Idle {
 #[derive(Default)]
 struct Pool {
     idle: HashMap<String, Vec<Idle>>,
-    checkins: u32,
+}
+
+/// Closes this thread's connections that idled out, forgets closed ones and endpoints
+/// that are gone.
+fn sweep() {
+    POOL.with(|p| {
+        p.borrow_mut().idle.retain(|_, v| {
+            v.retain(|i| !i.tx.is_closed() && i.since.elapsed() < IDLE_FOR);
+            !v.is_empty()
+        });
+    });
 }
 
 thread_local! {
@@ -267,15 +293,6 @@ pub(crate) fn checkin(endpoint: &str, conn: Conn, max: usize) {
     }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        p.checkins = p.checkins.wrapping_add(1);
-        if p.checkins % 1024 == 0 {
-            // Now and then, forget connections that closed or idled out, and endpoints
-            // that are gone.
-            p.idle.retain(|_, v| {
-                v.retain(|i| !i.tx.is_closed() && i.since.elapsed() < IDLE_FOR);
-                !v.is_empty()
-            });
-        }
         let idle = match p.idle.get_mut(endpoint) {
             Some(v) => v,
             None => p.idle.entry(endpoint.to_string()).or_default(),
@@ -337,6 +354,30 @@ pub(crate) async fn send(
                 Some(_) => return Err(SendError::Connect(e.into_error().to_string())),
                 None => return Err(SendError::Reset(e.into_error().to_string())),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_into_authority_and_base_path_and_only_http_is_taken() {
+        let cases = [
+            ("http://127.0.0.1:8080", Some(("127.0.0.1:8080", ""))),
+            (
+                "http://10.0.0.5:8080/base",
+                Some(("10.0.0.5:8080", "/base")),
+            ),
+            ("http://[::1]:9000/a/b", Some(("[::1]:9000", "/a/b"))),
+            ("http://api.internal", Some(("api.internal", ""))),
+            ("https://10.0.0.5:8443", None),
+            ("http://", None),
+            ("10.0.0.5:8080", None),
+        ];
+        for (endpoint, want) in cases {
+            assert_eq!(split_endpoint(endpoint), want, "{endpoint}");
         }
     }
 }
