@@ -7,11 +7,14 @@
 #  3. registry change → the gateway stops routing to the now-stale instance: from the PUT's
 #     answer to the first answer from the new release, over DEPLOYS switches between two
 #     workers (and a check that no later answer comes from the old one).
-# Usage: bench/gateway.sh  (DURATION=10s ROUNDS=3 DEPLOYS=100 to change)
+# Usage: bench/gateway.sh  (DURATION=10s ROUNDS=3 DEPLOYS=100 to change; SKIP_BUILD=1 uses
+# the binaries as built; WITH_ACCESS_LOG=0
+# skips the column with the access log on; LOCKSTEP_BENCH_BASE=/path/to/lockstep adds an
+# older build's gateway to the same rounds; LOCKSTEP_GATEWAY_WORKERS sets the gateway's threads)
 source "$(dirname "$0")/lib.sh"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx; }
-(cd "$ROOT" && cargo build --release -q -p lockstep-cli -p axum-worker --bin lockstep --bin axum-worker)
+[ -n "${SKIP_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p lockstep-cli -p axum-worker --bin lockstep --bin axum-worker)
 DURATION=${DURATION:-10s}; ROUNDS=${ROUNDS:-3}; DEPLOYS=${DEPLOYS:-100}
 V1=3f2a9c1e-5b7d-4c1a-9e2f-0a1b2c3d4e5f
 V2=9d8c7b6a-1111-4222-8333-444455556666
@@ -26,7 +29,7 @@ start_worker() { # NAME VERSION → sets W_URL
     >"$WORK/$name.out" 2>"$WORK/$name.err" &
   PIDS+=($!)
   for _ in $(seq 100); do
-    W_URL=$(head -n1 "$WORK/$name.out" 2>/dev/null | sed -n 's/^listening on //p')
+    W_URL=$(head -n1 "$WORK/$name.out" 2>/dev/null | sed -n 's/^listening on //p' || true)
     [ -n "$W_URL" ] && return 0
     sleep 0.05
   done
@@ -46,19 +49,33 @@ health_interval = "1s"
 path = "/"
 service = "api"
 CONF
-RUST_LOG=warn "$BIN" gateway --config "$WORK/gateway.toml" --listen 127.0.0.1:0 \
-  >"$WORK/gw.out" 2>"$WORK/gw.err" &
-PIDS+=($!)
-for _ in $(seq 100); do
-  GW=$(head -n1 "$WORK/gw.out" 2>/dev/null | sed -n 's/^listening on //p')
-  [ -n "$GW" ] && break
-  sleep 0.05
-done
-[ -n "$GW" ] || { echo "gateway did not start: $(cat "$WORK/gw.err")" >&2; exit 1; }
-for _ in $(seq 100); do
-  [ "$(curl -s "$GW/whoami" | python3 -c 'import sys,json; print(json.load(sys.stdin).get("version_id",""))' 2>/dev/null)" = "$V1" ] && break
-  sleep 0.1
-done
+start_gateway() { # NAME BINARY RUST_LOG → sets GW; the access log (info) goes to $WORK/NAME.err
+  local name=$1 bin=$2 log=$3 gw=""
+  local port; port=$(free_port)
+  sed "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$port\"/" "$WORK/gateway.toml" >"$WORK/$name.toml"
+  RUST_LOG=$log "$bin" gateway --config "$WORK/$name.toml" --listen 127.0.0.1:0 \
+    >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  PIDS+=($!)
+  for _ in $(seq 100); do
+    gw=$(head -n1 "$WORK/$name.out" 2>/dev/null | sed -n 's/^listening on //p' || true)
+    [ -n "$gw" ] && break
+    sleep 0.05
+  done
+  [ -n "$gw" ] || { echo "gateway $name did not start: $(cat "$WORK/$name.err")" >&2; exit 1; }
+  for _ in $(seq 100); do
+    [ "$(curl -s "$gw/whoami" | python3 -c 'import sys,json; print(json.load(sys.stdin).get("version_id",""))' 2>/dev/null)" = "$V1" ] && break
+    sleep 0.1
+  done
+  GW=$gw
+}
+# The gateway as measured: access log off (RUST_LOG=warn), like nginx's `access_log off`.
+start_gateway gw "$BIN" warn; GW_LOGGED=""; GW_BASE=""
+MAIN_GW=$GW
+# The same binary at its default log level (info: one access-log line per request, to a file).
+if [ "${WITH_ACCESS_LOG:-1}" = 1 ]; then start_gateway gwlog "$BIN" info; GW_LOGGED=$GW; fi
+# LOCKSTEP_BENCH_BASE=/path/to/an/older/lockstep: that build too, same run, access log off.
+if [ -n "${LOCKSTEP_BENCH_BASE:-}" ]; then start_gateway gwbase "$LOCKSTEP_BENCH_BASE" warn; GW_BASE=$GW; fi
+GW=$MAIN_GW
 
 NGINX_PORT=$(free_port)
 cat >"$WORK/nginx.conf" <<CONF
@@ -79,16 +96,33 @@ curl -sf "$NG/whoami" >/dev/null || { echo "nginx does not proxy: $(cat "$WORK/n
 
 echo "### GET /whoami: lockstep gateway vs nginx proxy_pass, same worker (wrk -t1 -c64 -d$DURATION, alternating)"
 echo
-echo "| round | gateway req/s | nginx req/s | ratio |"
-echo "| --- | --- | --- | --- |"
-G_SUM=0; N_SUM=0
+echo "Gateway: access log off (RUST_LOG=warn) unless said; nginx: 1 worker process, upstream keepalive 64, access_log off."
+echo
+HDR="| round | gateway req/s | nginx req/s | ratio |"; SEP="| --- | --- | --- | --- |"
+[ -n "$GW_LOGGED" ] && { HDR="$HDR gateway, access log on (default level) | ratio |"; SEP="$SEP --- | --- |"; }
+[ -n "$GW_BASE" ] && { HDR="$HDR base build | ratio |"; SEP="$SEP --- | --- |"; }
+echo "$HDR"; echo "$SEP"
+G_SUM=0; N_SUM=0; L_SUM=0; B_SUM=0
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 for r in $(seq "$ROUNDS"); do
   G=$(wrk_rps -t1 -c64 -d"$DURATION" "$GW/whoami")
   N=$(wrk_rps -t1 -c64 -d"$DURATION" "$NG/whoami")
-  echo "| $r | $G | $N | $(python3 -c "print(f'{$G/$N:.2f}')") |"
+  LINE="| $r | $G | $N | $(ratio "$G" "$N") |"
+  if [ -n "$GW_LOGGED" ]; then
+    L=$(wrk_rps -t1 -c64 -d"$DURATION" "$GW_LOGGED/whoami"); L_SUM=$(python3 -c "print($L_SUM+$L)")
+    LINE="$LINE $L | $(ratio "$L" "$N") |"
+  fi
+  if [ -n "$GW_BASE" ]; then
+    B=$(wrk_rps -t1 -c64 -d"$DURATION" "$GW_BASE/whoami"); B_SUM=$(python3 -c "print($B_SUM+$B)")
+    LINE="$LINE $B | $(ratio "$B" "$N") |"
+  fi
+  echo "$LINE"
   G_SUM=$(python3 -c "print($G_SUM+$G)"); N_SUM=$(python3 -c "print($N_SUM+$N)")
 done
-echo "| mean | $(python3 -c "print(f'{$G_SUM/$ROUNDS:.0f}')") | $(python3 -c "print(f'{$N_SUM/$ROUNDS:.0f}')") | $(python3 -c "print(f'{$G_SUM/$N_SUM:.2f}')") |"
+LINE="| mean | $(python3 -c "print(f'{$G_SUM/$ROUNDS:.0f}')") | $(python3 -c "print(f'{$N_SUM/$ROUNDS:.0f}')") | $(ratio "$G_SUM" "$N_SUM") |"
+[ -n "$GW_LOGGED" ] && LINE="$LINE $(python3 -c "print(f'{$L_SUM/$ROUNDS:.0f}')") | $(ratio "$L_SUM" "$N_SUM") |"
+[ -n "$GW_BASE" ] && LINE="$LINE $(python3 -c "print(f'{$B_SUM/$ROUNDS:.0f}')") | $(ratio "$B_SUM" "$N_SUM") |"
+echo "$LINE"
 echo
 
 # Half the gateway's maximum, paced: 16 connections, each waiting DELAY ms between requests.

@@ -28,13 +28,12 @@ pub mod registry;
 pub mod route;
 pub mod rpc;
 pub mod upstream;
+mod worker;
 
 pub use config::Compiled;
 pub use error::GatewayError;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use limit::Limiter;
 use metrics::Metrics;
 use registry::Upstreams;
@@ -54,7 +53,8 @@ pub(crate) struct Live {
 pub(crate) struct Shared {
     live: RwLock<Arc<Live>>,
     pub(crate) upstreams: Arc<Upstreams>,
-    pub(crate) client: Client<HttpConnector, proxy::ReqBody>,
+    /// Idle upstream connections kept per instance, per worker thread.
+    pub(crate) pool_per_host: usize,
     pub(crate) metrics: Metrics,
     path: PathBuf,
 }
@@ -165,19 +165,12 @@ impl Gateway {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(cfg.file.upstream.pool_per_host.unwrap_or(64))
-            .build(http);
+        let pool_per_host = cfg.file.upstream.pool_per_host.unwrap_or(64);
         upstreams.follow(&cfg.environments());
         let shared = Arc::new(Shared {
             live: RwLock::new(Arc::new(Live { cfg, limiter })),
             upstreams,
-            client,
+            pool_per_host,
             metrics: Metrics::default(),
             path: config.to_path_buf(),
         });
@@ -207,6 +200,12 @@ impl Gateway {
 
     /// Serves until `shutdown` resolves, then stops accepting and lets open requests finish
     /// (for at most 10 s). Also watches the configuration file and reloads it on change.
+    ///
+    /// Connections are served by one worker thread per core, each with a single-threaded
+    /// runtime and its own upstream connection pool: a request, its upstream connection and
+    /// its answer stay on one thread, so handing a request to the upstream connection and
+    /// the answer back costs no thread wakeup. Accepting, the registry streams, health
+    /// checks and the admin listener stay on the caller's runtime.
     pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let sh = self.shared.clone();
         let watcher = tokio::spawn(watch_file(Arc::downgrade(&sh)));
@@ -218,35 +217,22 @@ impl Gateway {
         let Some(listener) = self.listener.take() else {
             return;
         };
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let workers = worker::start(&sh, worker::count());
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut next = 0usize;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => {
                     let Ok((stream, peer)) = accepted else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let sh = sh.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let sh = sh.clone();
-                        async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, peer).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn);
-                    let sh2 = self.shared.clone();
-                    sh2.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                        sh2.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
-                    });
+                    // Round robin: connections are long-lived, so this spreads them evenly.
+                    workers.hand_over(next, stream, peer);
+                    next = next.wrapping_add(1);
                 }
             }
         }
         drop(listener);
-        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        workers.drain(Duration::from_secs(10)).await;
         watcher.abort();
         checker.abort();
         if let Some(a) = admin {

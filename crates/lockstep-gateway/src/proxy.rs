@@ -173,6 +173,16 @@ struct Streamed {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     sh: Arc<Shared>,
     member: Arc<Member>,
+    /// The upstream connection, back to the pool once the body has been read to the end.
+    conn: Option<crate::worker::Conn>,
+}
+
+impl Streamed {
+    fn done(&mut self) {
+        if let Some(c) = self.conn.take() {
+            crate::worker::checkin(&self.member.endpoint, c, self.sh.pool_per_host);
+        }
+    }
 }
 
 impl hyper::body::Body for Streamed {
@@ -190,6 +200,7 @@ impl hyper::body::Body for Streamed {
         // hyper signals the end of a length-delimited body only when the connection task
         // gets round to it; the length says so at once (and spares a timer and a wakeup).
         if this.inner.is_end_stream() {
+            this.done();
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -200,7 +211,10 @@ impl hyper::body::Body for Streamed {
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.done();
+                Poll::Ready(None)
+            }
             Poll::Pending => loop {
                 if this.timer.is_none() {
                     this.last = tokio::time::Instant::now();
@@ -904,19 +918,34 @@ pub(crate) async fn send(
     body: ReqBody,
 ) -> Result<Response<Body>, ForwardError> {
     let deadline = tokio::time::Instant::now() + cfg.timeout;
-    let mut uri = String::with_capacity(member.endpoint.len() + path.len());
-    uri.push_str(&member.endpoint);
-    uri.push_str(path);
-    let uri = http::Uri::try_from(uri)
-        .map_err(|e: http::uri::InvalidUri| ForwardError::Protocol(e.to_string()))?;
+    let Some((authority, base)) = crate::worker::split_endpoint(&member.endpoint) else {
+        return Err(ForwardError::Connect(format!(
+            "not an http:// endpoint: {}",
+            member.endpoint
+        )));
+    };
+    // Origin form (`/path?query`) with the instance as `Host`, as a pooling client sends.
+    let uri = if base.is_empty() {
+        http::Uri::try_from(path)
+    } else {
+        let mut uri = String::with_capacity(base.len() + path.len());
+        uri.push_str(base);
+        uri.push_str(path);
+        http::Uri::try_from(uri)
+    }
+    .map_err(|e: http::uri::InvalidUri| ForwardError::Protocol(e.to_string()))?;
+    let host =
+        HeaderValue::from_str(authority).map_err(|e| ForwardError::Protocol(e.to_string()))?;
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    let resp = match tokio::time::timeout_at(deadline, sh.client.request(req)).await {
+    req.headers_mut().insert(http::header::HOST, host);
+    let sent = crate::worker::send(&member.endpoint, authority, req);
+    let (resp, conn) = match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => return Err(ForwardError::Timeout),
-        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.to_string())),
-        Ok(Err(e)) => return Err(ForwardError::Reset(e.to_string())),
+        Ok(Err(crate::worker::SendError::Connect(e))) => return Err(ForwardError::Connect(e)),
+        Ok(Err(crate::worker::SendError::Reset(e))) => return Err(ForwardError::Reset(e)),
         Ok(Ok(r)) => r,
     };
     let (mut rparts, mut rbody) = resp.into_parts();
@@ -937,6 +966,7 @@ pub(crate) async fn send(
     // with its exact length and without a streaming wrapper.
     if rbody.is_end_stream() {
         drop(rbody);
+        crate::worker::checkin(&member.endpoint, conn, sh.pool_per_host);
         let body = match first.map(Frame::into_data) {
             Some(Ok(data)) => full(data),
             Some(Err(trailers)) => BodyExt::boxed(http_body_util::StreamBody::new(
@@ -954,6 +984,7 @@ pub(crate) async fn send(
         timer: None,
         sh: sh.clone(),
         member: member.clone(),
+        conn: Some(conn),
     };
     Ok(Response::from_parts(rparts, BodyExt::boxed(body)))
 }
