@@ -2,14 +2,6 @@
 //! or Ctrl-C, reloads on SIGHUP (the gateway also reloads by itself when the file changes).
 
 use crate::exit;
-
-/// The allocator of the whole `lockstep` binary (a `#[global_allocator]` may sit in any
-/// module of it). mimalloc instead of glibc malloc: a profile of the gateway under load
-/// spent about an eighth of its samples in glibc's malloc/free (hyper's buffers and header
-/// maps, allocated and freed on the worker threads for every request); see the Gateway
-/// section of docs/benchmarks.md for the measured difference.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
