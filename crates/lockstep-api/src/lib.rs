@@ -97,7 +97,11 @@ pub struct RollbackRequest {
     pub now: bool,
     /// With `now`: at most this many nodes rolling back at once (default: all); ignored
     /// without `now`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "integral_u32",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(minimum = 1, maximum = 100000)]
     pub concurrency: Option<u32>,
 }
@@ -853,6 +857,23 @@ mod tests {
         assert_eq!(port("null"), Ok(None));
         for bad in ["25.5", "-1", "65536"] {
             assert!(port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_rollback_concurrency_is_read_as_json_schema_reads_an_integer() {
+        let concurrency = |json: &str| {
+            serde_json::from_str::<RollbackRequest>(&format!(
+                r#"{{"now":true,"concurrency":{json}}}"#
+            ))
+            .map(|r| r.concurrency)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(concurrency("759"), Ok(Some(759)));
+        assert_eq!(concurrency("759.0"), Ok(Some(759)));
+        assert_eq!(concurrency("null"), Ok(None));
+        for bad in ["2.5", "-1", "\"3\""] {
+            assert!(concurrency(bad).is_err(), "{bad}");
         }
     }
 
