@@ -10,7 +10,8 @@
 # Usage: bench/gateway.sh  (DURATION=10s ROUNDS=3 DEPLOYS=100 to change; SKIP_BUILD=1 uses
 # the binaries as built; WITH_ACCESS_LOG=0
 # skips the column with the access log on; LOCKSTEP_BENCH_BASE=/path/to/lockstep adds an
-# older build's gateway to the same rounds; LOCKSTEP_GATEWAY_WORKERS sets the gateway's threads)
+# older build's gateway to the same rounds; LOCKSTEP_GATEWAY_WORKERS sets the gateway's threads;
+# NGINX_WORKERS=auto gives nginx one worker process per core instead of 1)
 source "$(dirname "$0")/lib.sh"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx; }
@@ -79,7 +80,7 @@ GW=$MAIN_GW
 
 NGINX_PORT=$(free_port)
 cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
+worker_processes ${NGINX_WORKERS:-1};
 daemon off;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx.err;
@@ -96,7 +97,7 @@ curl -sf "$NG/whoami" >/dev/null || { echo "nginx does not proxy: $(cat "$WORK/n
 
 echo "### GET /whoami: lockstep gateway vs nginx proxy_pass, same worker (wrk -t1 -c64 -d$DURATION, alternating)"
 echo
-echo "Gateway: access log off (RUST_LOG=warn) unless said; nginx: 1 worker process, upstream keepalive 64, access_log off."
+echo "Gateway: access log off (RUST_LOG=warn) unless said; nginx: worker_processes ${NGINX_WORKERS:-1}, upstream keepalive 64, access_log off."
 echo
 HDR="| round | gateway req/s | nginx req/s | ratio |"; SEP="| --- | --- | --- | --- |"
 [ -n "$GW_LOGGED" ] && { HDR="$HDR gateway, access log on (default level) | ratio |"; SEP="$SEP --- | --- |"; }

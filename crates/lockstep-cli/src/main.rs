@@ -20,6 +20,7 @@ mod cmd_rollout;
 mod cmd_serve;
 mod cmd_token;
 mod exit;
+mod log_sink;
 mod serve_config;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
@@ -196,7 +197,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour())
-        .with_writer(std::io::stderr);
+        .with_writer(log_sink::Stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -270,6 +271,8 @@ fn main() -> ExitCode {
             Command::Man(a) => man(a),
         }
     });
+    // Buffered access lines go out before the process does.
+    log_sink::flush();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

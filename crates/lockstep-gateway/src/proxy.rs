@@ -144,7 +144,7 @@ pub(crate) async fn outgoing(
         .and_then(|v| v.parse::<u64>().ok());
     match length {
         Some(n) if n > cfg.max_body as u64 => Err(too_large(cfg)),
-        Some(n) if n <= RETRY_BUFFER => read_body(body, cfg, headers)
+        Some(n) if n <= RETRY_BUFFER => Box::pin(read_body(body, cfg, headers))
             .await
             .map(|b| Outgoing::Bytes(Some(b))),
         _ => {
@@ -299,36 +299,47 @@ fn unavailable(message: &str) -> Response<Body> {
     r
 }
 
-/// What the access log says about one request.
+/// What the access log says about one request. Borrowed from the configuration in force
+/// for the request, so that filling it in costs no allocation.
 #[derive(Default)]
-pub struct Log {
+pub struct Log<'a> {
     /// Route name (`-` when none matched).
-    pub route: String,
+    pub route: &'a str,
     /// Environment served from.
-    pub env: String,
+    pub env: &'a str,
     /// Service.
-    pub service: String,
-    /// Instance that answered.
-    pub upstream: Option<String>,
-    /// Release of that instance (first 8 chars).
-    pub release: Option<String>,
+    pub service: &'a str,
+    /// Instance that answered (its endpoint and release are logged).
+    pub upstream: Option<Arc<Member>>,
     /// User, if authenticated.
     pub user: Option<String>,
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
+
+const USER: HeaderName = HeaderName::from_static(USER_HEADER);
+const LEVEL: HeaderName = HeaderName::from_static(LEVEL_HEADER);
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
+const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Drops hop-by-hop headers (and those the `Connection` header names).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the few names present is cheaper
+    // than eight removals that each hash a name.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
         .iter()
@@ -339,8 +350,40 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
+    }
+}
+
+/// The value of `X-Forwarded-For` for a client address.
+pub(crate) fn ip_header(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The client connection a request came on.
+pub(crate) struct Peer {
+    /// Its address.
+    pub(crate) addr: SocketAddr,
+    /// Its IP as a header value, made once per connection.
+    pub(crate) ip_value: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            ip_value: ip_header(addr.ip()),
+        }
+    }
+
+    /// `X-Forwarded-For` for `ip`: the connection's own value when it is the peer.
+    fn forwarded_for(&self, ip: IpAddr) -> HeaderValue {
+        if ip == self.addr.ip() {
+            self.ip_value.clone()
+        } else {
+            ip_header(ip)
+        }
     }
 }
 
@@ -364,7 +407,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAdd
 /// The incoming id when it is sane, else a new one: a random per-process prefix and a
 /// counter (unique, and no call into the OS per request as a random UUID would make).
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(REQUEST_ID).filter(|v| {
+    if let Some(v) = headers.get(REQUEST_ID_NAME).filter(|v| {
         !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic)
     }) {
         return v.clone();
@@ -444,11 +487,7 @@ fn buckets(
 }
 
 /// Entry for every request on the main listener.
-pub(crate) async fn handle(
-    sh: Arc<Shared>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Body> {
+pub(crate) async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     let live = sh.live();
     let rid_value = request_id(req.headers());
@@ -456,40 +495,43 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     // A cheap copy (shared bytes), kept for the access log.
     let uri = req.uri().clone();
-    let ip = client_ip(peer.ip(), req.headers(), &live.cfg.trusted_proxies);
+    let ip = client_ip(peer.addr.ip(), req.headers(), &live.cfg.trusted_proxies);
+    let xff = peer.forwarded_for(ip);
     let mut log = Log {
-        route: "-".into(),
+        route: "-",
         ..Default::default()
     };
     sh.metrics
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut resp = dispatch(&sh, &live, req, ip, &rid_value, &mut log).await;
+    let mut resp = dispatch(&sh, &live, req, ip, &xff, &uri, &rid_value, &mut log).await;
     sh.metrics
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    resp.headers_mut().insert(REQUEST_ID, rid_value.clone());
+    resp.headers_mut().insert(REQUEST_ID_NAME, rid_value.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    sh.metrics
-        .request(&log.route, status, elapsed.as_secs_f64());
+    sh.metrics.request(log.route, status, elapsed.as_secs_f64());
     tracing::info!(target: "lockstep_gateway::access",
         request_id = %rid, client = %ip, method = %method, path = uri.path(), route = %log.route,
         env = %log.env, service = %log.service,
-        upstream = log.upstream.as_deref().unwrap_or("-"),
-        release = log.release.as_deref().unwrap_or("-"),
+        upstream = log.upstream.as_ref().map_or("-", |m| m.endpoint.as_str()),
+        release = log.upstream.as_ref().map_or("-", |m| lockstep_core::short_id(&m.version_id)),
         user = log.user.as_deref().unwrap_or("-"),
         status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     resp
 }
 
-async fn dispatch(
+#[allow(clippy::too_many_arguments)]
+async fn dispatch<'a>(
     sh: &Arc<Shared>,
-    live: &Arc<Live>,
+    live: &'a Arc<Live>,
     req: Request<Incoming>,
     ip: IpAddr,
+    xff: &HeaderValue,
+    uri: &http::Uri,
     rid_value: &HeaderValue,
-    log: &mut Log,
+    log: &mut Log<'a>,
 ) -> Response<Body> {
     let rid = rid_value.to_str().unwrap_or("-");
     let cfg = &live.cfg;
@@ -500,54 +542,33 @@ async fn dispatch(
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .map(normalize_host)
         .unwrap_or_default();
-    let path = req.uri().path().to_string();
+    let path = uri.path();
     if cfg.rpc_enabled && (path == "/rpc" || path.starts_with("/rpc/")) {
-        log.route = "rpc".into();
-        return crate::rpc::handle(sh, live, req, ip, &host, rid, log).await;
+        log.route = "rpc";
+        // Boxed, as every path off the common one: the request's future is moved as a
+        // whole, so what it holds inline it copies on every request.
+        return Box::pin(crate::rpc::handle(sh, live, req, ip, &host, rid, log)).await;
     }
-    let Some(route) = crate::route::select(&cfg.routes, &host, &path) else {
-        log.route = "fallback".into();
+    let Some(route) = crate::route::select(&cfg.routes, &host, path) else {
+        log.route = "fallback";
         return match &cfg.fallback {
             Fallback::Status(s) => {
                 error_response(*s, "not_found", "no route for this host and path")
             }
             Fallback::Upstream(base) => {
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or(path);
-                let (parts, body) = req.into_parts();
-                let mut body = match outgoing(body, cfg, &parts.headers).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                let member = Arc::new(Member::new(
-                    "fallback",
-                    base,
-                    "",
-                    lockstep_core::Status::Current,
-                ));
-                log.upstream = Some(base.clone());
-                let headers = upstream_headers(parts.headers, rid_value, None, ip);
-                let Some(b) = body.next() else {
-                    return unavailable("no fallback upstream");
-                };
-                match send(sh, cfg, &member, &parts.method, headers, &pq, b).await {
-                    Ok(r) => r,
-                    Err(_) if body.over_limit() => too_large(cfg),
-                    Err(e) => e.response(),
-                }
+                Box::pin(fallback(sh, cfg, base, req, path, rid_value, xff, log)).await
             }
         };
     };
-    log.route = route.name.clone();
-    log.service = route.service.clone();
+    log.route = &route.name;
+    log.service = &route.service;
     // Auth before anything costly.
     let found = cfg.auth.identify(req.headers());
     let identity = match auth::decide(route.auth, found) {
         Decision::Allow(id) => id,
-        Decision::Unauthorized { failed } => return unauthorized(live, failed, ip).await,
+        Decision::Unauthorized { failed } => {
+            return Box::pin(unauthorized(live, failed, ip)).await;
+        }
         Decision::Forbidden => {
             return error_response(
                 StatusCode::FORBIDDEN,
@@ -570,8 +591,8 @@ async fn dispatch(
     let env = cfg
         .namespaces
         .select(route.env.as_deref(), ns_header, &host);
-    log.env = env.clone();
-    let pool = match sh.upstreams.pool(&env, &route.service) {
+    log.env = env;
+    let pool = match sh.upstreams.pool(env, &route.service) {
         Ok(Some(p)) if p.servable() > 0 => p,
         Ok(_) => {
             let mut r = unavailable(&format!(
@@ -585,7 +606,7 @@ async fn dispatch(
         }
         Err(_) => return unavailable("the registry has been unreachable for too long"),
     };
-    let upstream_path = route.upstream_path(&path, req.uri().query());
+    let upstream_path = route.upstream_path(path, uri.query());
     let pin = pinned(req.headers());
     let choice = pin
         .as_deref()
@@ -606,7 +627,7 @@ async fn dispatch(
         std::mem::take(&mut parts.headers),
         rid_value,
         identity.as_ref(),
-        ip,
+        xff,
     ));
     let attempts = cfg.attempts;
     let mut tried: Vec<Arc<Member>> = Vec::new();
@@ -631,10 +652,11 @@ async fn dispatch(
         } else {
             headers.take().unwrap_or_default()
         };
-        log.upstream = Some(member.endpoint.clone());
-        log.release = Some(lockstep_core::short_id(&member.version_id).to_string());
+        log.upstream = Some(member.clone());
         let lease = member.lease();
-        let res = send(sh, cfg, &member, &parts.method, h, &upstream_path, b).await;
+        // Boxed: the request's future is moved whole into the connection's slot, and
+        // this one (the upstream exchange with its timers) is most of it.
+        let res = Box::pin(send(sh, cfg, &member, &parts.method, h, &upstream_path, b)).await;
         let res = match res {
             Err(_) if body.over_limit() => Err(ForwardError::TooLarge(cfg.max_body)),
             r => r,
@@ -699,6 +721,46 @@ async fn dispatch(
     }
 }
 
+/// An unmatched request sent to the fallback upstream.
+#[allow(clippy::too_many_arguments)]
+async fn fallback(
+    sh: &Arc<Shared>,
+    cfg: &Compiled,
+    base: &str,
+    req: Request<Incoming>,
+    path: &str,
+    rid_value: &HeaderValue,
+    xff: &HeaderValue,
+    log: &mut Log<'_>,
+) -> Response<Body> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.to_string());
+    let (parts, body) = req.into_parts();
+    let mut body = match outgoing(body, cfg, &parts.headers).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let member = Arc::new(Member::new(
+        "fallback",
+        base,
+        "",
+        lockstep_core::Status::Current,
+    ));
+    log.upstream = Some(member.clone());
+    let headers = upstream_headers(parts.headers, rid_value, None, xff);
+    let Some(b) = body.next() else {
+        return unavailable("no fallback upstream");
+    };
+    match send(sh, cfg, &member, &parts.method, headers, &pq, b).await {
+        Ok(r) => r,
+        Err(_) if body.over_limit() => too_large(cfg),
+        Err(e) => e.response(),
+    }
+}
+
 async fn unauthorized(live: &Arc<Live>, failed: bool, ip: IpAddr) -> Response<Body> {
     if failed {
         let v = live
@@ -740,7 +802,10 @@ pub(crate) async fn check_limits(
     ip: IpAddr,
 ) -> Result<Option<Verdict>, Response<Body>> {
     let keys = buckets(&live.cfg, route, identity, ip);
-    let verdicts = live.limiter.check(&keys).await;
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let verdicts = Box::pin(live.limiter.check(&keys)).await;
     let v = headline(&verdicts);
     if let Some(v) = v.filter(|v| !v.allowed) {
         sh.metrics
@@ -863,26 +928,26 @@ pub(crate) fn upstream_headers(
     mut headers: HeaderMap,
     rid: &HeaderValue,
     identity: Option<&Identity>,
-    ip: IpAddr,
+    xff: &HeaderValue,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    headers.remove(USER_HEADER);
-    headers.remove(LEVEL_HEADER);
-    if let Some(h) = headers.remove(http::header::HOST) {
-        headers.insert("x-forwarded-host", h);
+    if headers.keys().any(|k| *k == USER || *k == LEVEL) {
+        headers.remove(USER);
+        headers.remove(LEVEL);
     }
-    headers.insert(REQUEST_ID, rid.clone());
+    if let Some(h) = headers.remove(http::header::HOST) {
+        headers.insert(FORWARDED_HOST, h);
+    }
+    headers.insert(REQUEST_ID_NAME, rid.clone());
     // The client as the gateway determined it (an untrusted peer's own X-Forwarded-For is
     // not passed on: the upstream may believe this header).
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip.to_string())) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(FORWARDED_FOR, xff.clone());
+    headers.insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(id) = identity
         && let Ok(u) = HeaderValue::from_str(&id.user)
     {
-        headers.insert(USER_HEADER, u);
-        headers.insert(LEVEL_HEADER, HeaderValue::from_static(id.level.as_str()));
+        headers.insert(USER, u);
+        headers.insert(LEVEL, HeaderValue::from_static(id.level.as_str()));
     }
     headers
 }
@@ -901,9 +966,19 @@ pub(crate) async fn forward(
     ip: IpAddr,
 ) -> Result<Response<Body>, ForwardError> {
     let rid = HeaderValue::from_str(rid).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    let headers = upstream_headers(parts.headers.clone(), &rid, identity, ip);
+    let headers = upstream_headers(parts.headers.clone(), &rid, identity, &ip_header(ip));
     let body = ReqBody::Bytes(Some(body).filter(|b| !b.is_empty()));
     send(sh, cfg, member, &parts.method, headers, path, body).await
+}
+
+/// `fut`'s output, or `None` when `timer` fires first. The future is polled first, so
+/// one that is ready at once never touches the timer.
+async fn before<F: Future>(timer: Pin<&mut tokio::time::Sleep>, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = timer => None,
+    }
 }
 
 /// One call to one instance: the response head and the first body frame (or the end of
@@ -941,12 +1016,16 @@ pub(crate) async fn send(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     req.headers_mut().insert(http::header::HOST, host);
+    // One timer for both waits (the head, then the first frame), armed only if one of
+    // them has to wait at all.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     let sent = crate::worker::send(&member.endpoint, authority, req);
-    let (resp, conn) = match tokio::time::timeout_at(deadline, sent).await {
-        Err(_) => return Err(ForwardError::Timeout),
-        Ok(Err(crate::worker::SendError::Connect(e))) => return Err(ForwardError::Connect(e)),
-        Ok(Err(crate::worker::SendError::Reset(e))) => return Err(ForwardError::Reset(e)),
-        Ok(Ok(r)) => r,
+    let (resp, conn) = match before(timer.as_mut(), sent).await {
+        None => return Err(ForwardError::Timeout),
+        Some(Err(crate::worker::SendError::Connect(e))) => return Err(ForwardError::Connect(e)),
+        Some(Err(crate::worker::SendError::Reset(e))) => return Err(ForwardError::Reset(e)),
+        Some(Ok(r)) => r,
     };
     let (mut rparts, mut rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
@@ -955,11 +1034,11 @@ pub(crate) async fn send(
     let first = if rbody.is_end_stream() {
         None
     } else {
-        match tokio::time::timeout_at(deadline, rbody.frame()).await {
-            Err(_) => return Err(ForwardError::Timeout),
-            Ok(None) => None,
-            Ok(Some(Err(e))) => return Err(ForwardError::Protocol(e.to_string())),
-            Ok(Some(Ok(f))) => Some(f),
+        match before(timer.as_mut(), rbody.frame()).await {
+            None => return Err(ForwardError::Timeout),
+            Some(None) => None,
+            Some(Some(Err(e))) => return Err(ForwardError::Protocol(e.to_string())),
+            Some(Some(Ok(f))) => Some(f),
         }
     };
     // The whole answer in one frame (the common small answer): hand it over as it is,

@@ -58,7 +58,9 @@ struct Inner {
 /// read lock and an `Arc` clone.
 pub struct Upstreams {
     inner: Mutex<Inner>,
-    pools: RwLock<HashMap<Key, Arc<Pool>>>,
+    /// Pools by environment, then service: looked up with the request's `&str`s, no key
+    /// to build.
+    pools: RwLock<HashMap<String, HashMap<String, Arc<Pool>>>>,
     epoch: Instant,
     last_contact_ms: AtomicU64,
     contacted: AtomicBool,
@@ -137,7 +139,7 @@ impl Upstreams {
     pub fn pool(&self, env: &str, service: &str) -> Result<Option<Arc<Pool>>, Outage> {
         self.check_bound()?;
         let pools = self.pools.read().map_err(|_| Outage)?;
-        Ok(pools.get(&(env.to_string(), service.to_string())).cloned())
+        Ok(pools.get(env).and_then(|p| p.get(service)).cloned())
     }
 
     fn check_bound(&self) -> Result<(), Outage> {
@@ -160,9 +162,10 @@ impl Upstreams {
         self.check_bound()?;
         let pools = self.pools.read().map_err(|_| Outage)?;
         let mut v: Vec<(String, Arc<Pool>)> = pools
-            .iter()
-            .filter(|((e, _), _)| e == env)
-            .map(|((_, s), p)| (s.clone(), p.clone()))
+            .get(env)
+            .into_iter()
+            .flatten()
+            .map(|(s, p)| (s.clone(), p.clone()))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(v)
@@ -319,8 +322,8 @@ impl Upstreams {
             .collect();
         inner.members.retain(|id, _| live.contains(id));
         if let Ok(mut pools) = self.pools.write() {
-            for (k, p) in fresh {
-                pools.insert(k, p);
+            for ((env, service), p) in fresh {
+                pools.entry(env).or_default().insert(service, p);
             }
         }
         self.generation.send_modify(|g| *g += 1);

@@ -156,21 +156,26 @@ pub struct Namespaces {
 impl Namespaces {
     /// The environment for a request: the route's own, else an allowed header value, else
     /// the first host rule that matches, else the default.
-    pub fn select(&self, route_env: Option<&str>, header: Option<&str>, host: &str) -> String {
+    pub fn select<'a>(
+        &'a self,
+        route_env: Option<&'a str>,
+        header: Option<&str>,
+        host: &str,
+    ) -> &'a str {
         if let Some(e) = route_env {
-            return e.to_string();
+            return e;
         }
         if let Some(v) = header.map(str::trim)
-            && self.allowed.iter().any(|a| a == v)
+            && let Some(a) = self.allowed.iter().find(|a| *a == v)
         {
-            return v.to_string();
+            return a;
         }
         for (p, env) in &self.hosts {
             if p.matches(host) {
-                return env.clone();
+                return env;
             }
         }
-        self.default.clone()
+        &self.default
     }
 }
 

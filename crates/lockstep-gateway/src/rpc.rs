@@ -60,14 +60,14 @@ pub fn valid_method(m: &str) -> bool {
         && m != ".."
 }
 
-pub(crate) async fn handle(
+pub(crate) async fn handle<'a>(
     sh: &Arc<Shared>,
-    live: &Arc<Live>,
+    live: &'a Arc<Live>,
     req: Request<Incoming>,
     ip: IpAddr,
     host: &str,
     rid: &str,
-    log: &mut Log,
+    log: &mut Log<'a>,
 ) -> Response<Body> {
     let cfg = &live.cfg;
     let identity = match auth::decide(cfg.rpc_auth, cfg.auth.identify(req.headers())) {
@@ -103,13 +103,13 @@ pub(crate) async fn handle(
         .and_then(|h| req.headers().get(h))
         .and_then(|v| v.to_str().ok());
     let env = cfg.namespaces.select(None, ns_header, host);
-    log.env = env.clone();
+    log.env = env;
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/rpc/services") => discovery(sh, &env),
+        (Method::GET, "/rpc/services") => discovery(sh, env),
         (Method::GET, p) if p.starts_with("/rpc/services/") && p.ends_with("/health") => {
             let svc = &p["/rpc/services/".len()..p.len() - "/health".len()];
-            health(sh, &env, svc)
+            health(sh, env, svc)
         }
         (Method::POST, "/rpc") => {
             let (parts, body) = req.into_parts();
@@ -145,7 +145,7 @@ pub(crate) async fn handle(
                     }
                     let futs = v
                         .into_iter()
-                        .map(|c| call(sh, live, &env, &parts, c, rid, identity.as_ref(), ip));
+                        .map(|c| call(sh, live, env, &parts, c, rid, identity.as_ref(), ip));
                     let out: Vec<Value> = futures_util::future::join_all(futs)
                         .await
                         .into_iter()
@@ -159,7 +159,7 @@ pub(crate) async fn handle(
             let Some(c) = calls.next() else {
                 return error_response(StatusCode::BAD_REQUEST, "bad_request", "no call");
             };
-            let (status, v) = call(sh, live, &env, &parts, c, rid, identity.as_ref(), ip).await;
+            let (status, v) = call(sh, live, env, &parts, c, rid, identity.as_ref(), ip).await;
             json_response(status, &v)
         }
         _ => error_response(

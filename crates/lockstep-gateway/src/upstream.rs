@@ -109,7 +109,11 @@ impl Member {
     /// Returns true when this failure ejected it.
     pub fn record(&self, failed: bool, now_ms: u64, eject: &Ejection) -> bool {
         if !failed {
-            self.failures.store(0, Ordering::Relaxed);
+            // Read first: a store on every success would make every core fight over this
+            // cache line.
+            if self.failures.load(Ordering::Relaxed) != 0 {
+                self.failures.store(0, Ordering::Relaxed);
+            }
             return false;
         }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -183,6 +187,9 @@ impl Pool {
         seed: u64,
     ) -> Option<Arc<Member>> {
         let c = candidates(&self.members, choice, now_ms);
+        if tried.is_empty() {
+            return pick(&c, seed).cloned();
+        }
         let fresh: Vec<&Arc<Member>> = c
             .iter()
             .copied()
@@ -243,11 +250,23 @@ pub fn pick<'a>(set: &[&'a Arc<Member>], seed: u64) -> Option<&'a Arc<Member>> {
     }
 }
 
-/// A cheap per-call random number (xorshift over a shared counter): enough to spread
-/// load, not for secrets.
+/// A cheap per-call random number (a mix of a per-thread counter): enough to spread load,
+/// not for secrets. Per thread, so that threads do not take turns on one cache line.
 pub fn seed() -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let mut x = STATE.with(|s| {
+        let mut v = s.get();
+        if v == 0 {
+            // A distinct start per thread.
+            v = THREADS.fetch_add(1, Ordering::Relaxed).wrapping_add(1) << 40;
+        }
+        v = v.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(v);
+        v
+    });
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;

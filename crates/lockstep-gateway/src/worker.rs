@@ -196,9 +196,14 @@ fn serve(
     peer: SocketAddr,
 ) {
     let sh1 = sh.clone();
+    let peer = Arc::new(proxy::Peer::new(peer));
     let svc = hyper::service::service_fn(move |req| {
         let sh = sh1.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, peer).await) }
+        let peer = peer.clone();
+        let f = async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, &peer).await) };
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("SIZE handle future {}", std::mem::size_of_val(&f)));
+        f
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -335,7 +340,8 @@ pub(crate) async fn send(
     loop {
         let mut c = match checkout(endpoint) {
             Some(c) => c,
-            None => match tokio::time::timeout(CONNECT_TIMEOUT, connect(authority)).await {
+            // Boxed: connecting is rare (connections are pooled), and its future is big.
+            None => match Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, connect(authority))).await {
                 Ok(c) => c?,
                 Err(_) => return Err(SendError::Connect("connect timed out".into())),
             },
