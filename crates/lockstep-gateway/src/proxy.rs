@@ -508,7 +508,8 @@ pub(crate) async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: &Peer)
     sh.metrics
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    resp.headers_mut().insert(REQUEST_ID_NAME, rid_value.clone());
+    resp.headers_mut()
+        .insert(REQUEST_ID_NAME, rid_value.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     sh.metrics.request(log.route, status, elapsed.as_secs_f64());

@@ -200,7 +200,8 @@ fn serve(
     let svc = hyper::service::service_fn(move |req| {
         let sh = sh1.clone();
         let peer = peer.clone();
-        let f = async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, &peer).await) };
+        let f =
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, &peer).await) };
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| eprintln!("SIZE handle future {}", std::mem::size_of_val(&f)));
         f
@@ -341,7 +342,8 @@ pub(crate) async fn send(
         let mut c = match checkout(endpoint) {
             Some(c) => c,
             // Boxed: connecting is rare (connections are pooled), and its future is big.
-            None => match Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, connect(authority))).await {
+            None => match Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, connect(authority))).await
+            {
                 Ok(c) => c?,
                 Err(_) => return Err(SendError::Connect("connect timed out".into())),
             },
