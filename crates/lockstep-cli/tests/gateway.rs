@@ -1,5 +1,6 @@
 //! `lockstep gateway` as a process: `--check-config`, the address printed first, SIGHUP
-//! reloads that refuse a bad file and keep serving, SIGTERM ends it cleanly.
+//! reloads that refuse a bad file and keep serving, the buffered access log (written within
+//! a moment, in order with other lines, all of it at exit), SIGTERM ends it cleanly.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -56,183 +57,157 @@ fn get(addr: &str, path: &str) -> String {
     out
 }
 
+/// A `lockstep gateway` process on a free port, its stderr collected as it comes.
+struct Gateway {
+    child: std::process::Child,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    fn start(config: &std::path::Path, rust_log: Option<&str>) -> Gateway {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["gateway", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(l) = rust_log {
+            cmd.env("RUST_LOG", l);
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("first line: {line:?}"))
+            .to_string();
+        Gateway {
+            child,
+            addr,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    }
+
+    /// Waits (at most `within`) until the log holds `text`.
+    fn wait_for_log(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not logged: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit status and the whole log.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().expect("reader");
+        }
+        (status, self.log())
+    }
+}
+
 #[test]
 fn gateway_prints_its_address_first_and_a_bad_reload_keeps_the_old_config() {
     let dir = tempfile::tempdir().expect("dir");
     let p = write(dir.path(), GOOD);
-    let mut child = Command::new(BIN)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&p)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let mut pipe = child.stderr.take().expect("stderr");
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if let Ok(mut s) = sink.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("first line: {line:?}"))
-        .to_string();
-    assert!(get(&addr, "/nothing").starts_with("HTTP/1.1 418"));
+    let gw = Gateway::start(&p, None);
+    assert!(get(&gw.addr, "/nothing").starts_with("HTTP/1.1 418"));
     write(
         dir.path(),
         "registry = \"http://127.0.0.1:1\"\n[fallback]\nstatus = 99\n",
     );
-    let pid = child.id().to_string();
+    gw.signal("-HUP");
+    gw.wait_for_log("configuration refused", Duration::from_secs(5));
+    assert!(gw.log().contains("fallback.status = 99"));
     assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stderr
-        .lock()
-        .expect("lock")
-        .contains("configuration refused")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged: {}",
-            stderr.lock().expect("lock")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        stderr
-            .lock()
-            .expect("lock")
-            .contains("fallback.status = 99")
-    );
-    assert!(
-        get(&addr, "/nothing").starts_with("HTTP/1.1 418"),
+        get(&gw.addr, "/nothing").starts_with("HTTP/1.1 418"),
         "the old configuration serves"
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            assert!(st.success(), "{st}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (status, _) = gw.stop();
+    assert!(status.success(), "{status}");
 }
 
 #[test]
 fn access_lines_are_written_within_a_moment_in_order_and_none_is_lost_at_exit() {
     let dir = tempfile::tempdir().expect("dir");
     let p = write(dir.path(), GOOD);
-    let mut child = Command::new(BIN)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let mut pipe = child.stderr.take().expect("stderr");
-    let sink = stderr.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if let Ok(mut s) = sink.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("first line: {line:?}"))
-        .to_string();
+    let gw = Gateway::start(&p, Some("info"));
     let access = |s: &str| s.matches("lockstep_gateway::access").count();
     for _ in 0..3 {
-        assert!(get(&addr, "/first").starts_with("HTTP/1.1 418"));
+        assert!(get(&gw.addr, "/first").starts_with("HTTP/1.1 418"));
     }
     // Buffered, but written by the flusher without any further traffic.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while access(&stderr.lock().expect("lock")) < 3 {
+    while access(&gw.log()) < 3 {
         assert!(
             Instant::now() < deadline,
             "access lines not written: {}",
-            stderr.lock().expect("lock")
+            gw.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     // A line that is not an access line goes out at once, after the access lines before it.
-    assert!(get(&addr, "/second").starts_with("HTTP/1.1 418"));
+    assert!(get(&gw.addr, "/second").starts_with("HTTP/1.1 418"));
     write(dir.path(), "registry = 1\n");
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stderr
-        .lock()
-        .expect("lock")
-        .contains("configuration refused")
-    {
-        assert!(Instant::now() < deadline, "no refusal logged");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    {
-        let s = stderr.lock().expect("lock");
-        let second = s
-            .find("/second")
-            .unwrap_or_else(|| panic!("no access line for /second: {s}"));
-        assert!(second < s.find("configuration refused").expect("refusal"));
-    }
+    gw.signal("-HUP");
+    gw.wait_for_log("configuration refused", Duration::from_secs(5));
+    let log = gw.log();
+    let second = log
+        .find("/second")
+        .unwrap_or_else(|| panic!("no access line for /second: {log}"));
+    assert!(second < log.find("configuration refused").expect("refusal"));
     // Requests answered just before a clean exit are all in the log.
     for _ in 0..5 {
-        assert!(get(&addr, "/last").starts_with("HTTP/1.1 418"));
+        assert!(get(&gw.addr, "/last").starts_with("HTTP/1.1 418"));
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    assert!(child.wait().expect("wait").success());
-    reader.join().expect("reader");
-    let s = stderr.lock().expect("lock");
-    assert_eq!(s.matches("/last").count(), 5, "{s}");
+    let (status, log) = gw.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(log.matches("/last").count(), 5, "{log}");
 }

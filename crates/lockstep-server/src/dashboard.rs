@@ -417,13 +417,21 @@ pub fn rollout_card(v: &RolloutView) -> RolloutCard {
         reason: n.reason.clone(),
         at: n.updated_at.clone(),
     };
-    // RFC 3339 UTC strings from one formatter order as their instants; a node never touched
+    // Compared as instants, not as strings: the formatter drops trailing zeros of the
+    // fraction, so "…50.96Z" (50.960) sorts after "…50.964Z" as text. A node never touched
     // has not changed.
+    let at = |n: &NodeView| {
+        time::OffsetDateTime::parse(
+            &n.updated_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()
+    };
     let last_change = v
         .nodes
         .iter()
         .filter(|n| n.step != "pending")
-        .max_by(|a, b| a.updated_at.cmp(&b.updated_at))
+        .max_by_key(|n| at(n))
         .map(step);
     RolloutCard {
         id: v.id,
@@ -804,5 +812,37 @@ fn instance_page(
         per_page,
         total,
         items,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_change_is_the_latest_instant_even_when_its_fraction_is_longer() {
+        let node = |id: &str, step: &str, at: &str| {
+            serde_json::json!({"instance_id": id, "endpoint": "", "step": step,
+                "reason": null, "attempts": 1, "updated_at": at})
+        };
+        let v: RolloutView = serde_json::from_value(serde_json::json!({
+            "id": 1, "env": "production", "service": "api", "version_id": "v2",
+            "previous_version_id": "v1", "phase": "batches", "running": true,
+            "request": null, "settings": {}, "actor": "admin",
+            "created_at": "2026-12-01T05:10:49.694Z", "finished_at": null,
+            "elapsed_secs": 1.3, "outcome": null, "summary": "",
+            "nodes": [
+                node("api-1", "updated", "2026-12-01T05:10:49.822Z"),
+                // 50.960 written as ".96": as text it sorts after ".964".
+                node("api-2", "failed", "2026-12-01T05:10:50.96Z"),
+                node("api-3", "updating", "2026-12-01T05:10:50.964Z"),
+                node("api-4", "pending", "2026-12-01T05:10:51Z"),
+            ]
+        }))
+        .expect("a rollout view");
+        let card = rollout_card(&v);
+        let last = card.last_change.expect("a last change");
+        assert_eq!(last.instance_id, "api-3");
+        assert_eq!(last.step, "updating");
     }
 }

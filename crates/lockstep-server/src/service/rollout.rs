@@ -1154,71 +1154,39 @@ async fn drive(
 
         for a in &decision.actions {
             match a {
-                Action::Update(i) => {
+                Action::Update(i) | Action::Rollback(i) => {
                     let n = &nodes[*i];
+                    let (step, task, kind, data) = match a {
+                        Action::Update(_) => (
+                            NodeStep::Updating,
+                            Task::Update,
+                            "worker_update_started",
+                            serde_json::json!({"phase": phase_name(decision.phase)}),
+                        ),
+                        _ => (
+                            NodeStep::RollingBack,
+                            Task::Rollback,
+                            "worker_rollback_started",
+                            serde_json::json!({"emergency": is_emergency(request)}),
+                        ),
+                    };
+                    let update = matches!(task, Task::Update);
                     svc.store
                         .set_rollout_step(
                             &holder,
                             id,
                             n.idx,
-                            step_json(&NodeStep::Updating),
-                            true,
-                            vec![event(
-                                &r,
-                                "worker_update_started",
-                                n,
-                                serde_json::json!({
-                                "phase": phase_name(decision.phase)}),
-                            )],
+                            step_json(&step),
+                            update,
+                            vec![event(&r, kind, n, data)],
                         )
                         .await?;
+                    if !update {
+                        svc.rollouts.node_rollbacks.fetch_add(1, Ordering::Relaxed);
+                    }
                     spawn_node(
-                        svc,
-                        &r,
-                        n,
-                        settings,
-                        &package,
-                        &signature,
-                        &token,
-                        &holder,
-                        false,
-                        &in_flight,
-                        &done_tx,
-                        Task::Update,
-                    );
-                }
-                Action::Rollback(i) => {
-                    let n = &nodes[*i];
-                    svc.store
-                        .set_rollout_step(
-                            &holder,
-                            id,
-                            n.idx,
-                            step_json(&NodeStep::RollingBack),
-                            false,
-                            vec![event(
-                                &r,
-                                "worker_rollback_started",
-                                n,
-                                serde_json::json!({
-                                "emergency": is_emergency(request)}),
-                            )],
-                        )
-                        .await?;
-                    svc.rollouts.node_rollbacks.fetch_add(1, Ordering::Relaxed);
-                    spawn_node(
-                        svc,
-                        &r,
-                        n,
-                        settings,
-                        &package,
-                        &signature,
-                        &token,
-                        &holder,
-                        false,
-                        &in_flight,
-                        &done_tx,
-                        Task::Rollback,
+                        svc, &r, n, settings, &package, &signature, &token, &holder, false,
+                        &in_flight, &done_tx, task,
                     );
                 }
                 Action::RestorePreviousRelease => {
