@@ -138,7 +138,12 @@ pub fn lockstep_bin() -> PathBuf {
     profile_dir.join(format!("lockstep{}", std::env::consts::EXE_SUFFIX))
 }
 
-fn pump(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Copies everything `r` gives (a child's stdout or stderr) into `into`, on a thread of its
+/// own, until the end of the stream; join the handle to know everything has arrived.
+pub fn pump(
+    mut r: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
         while let Ok(n) = r.read(&mut buf) {
@@ -149,7 +154,7 @@ fn pump(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
                 s.push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         }
-    });
+    })
 }
 
 impl ServeProcess {

@@ -9,7 +9,7 @@ use lockstep_agent::AgentClient;
 use lockstep_package::{CreateOptions, SigningKey, sign};
 use lockstep_testkit::lockstep_bin;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,19 +63,7 @@ impl AgentProc {
         }
         let mut child = cmd.spawn().expect("spawn lockstep agent");
         let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
+        lockstep_testkit::pump(child.stderr.take().expect("stderr"), stderr.clone());
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
