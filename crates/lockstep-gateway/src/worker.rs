@@ -206,7 +206,11 @@ fn serve(
         ONCE.call_once(|| eprintln!("SIZE handle future {}", std::mem::size_of_val(&f)));
         f
     });
+    // Head and body copied into one buffer and sent with one `write`, rather than a
+    // `writev` of several pieces: for the small answers a proxy mostly relays, about 1 µs
+    // less CPU per request, both directions together (bench/gateway-cpu.sh, same run).
     let conn = hyper::server::conn::http1::Builder::new()
+        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .serve_connection(TokioIo::new(stream), svc);
@@ -320,7 +324,9 @@ async fn connect(authority: &str) -> Result<Conn, SendError> {
     };
     let stream = connecting.map_err(|e| SendError::Connect(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    let (tx, conn) = http1::handshake(TokioIo::new(stream))
+    let (tx, conn) = http1::Builder::new()
+        .writev(false) // as the client side's, see `serve`
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
     // The connection is driven on this thread, next to the requests that use it.
