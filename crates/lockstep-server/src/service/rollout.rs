@@ -94,15 +94,36 @@ pub struct StartRollout {
     pub max_failures: usize,
     /// Poll interval, seconds (default 10).
     #[serde(default = "ten")]
-    #[schema(minimum = 0, maximum = 86400)]
+    #[schema(schema_with = poll_secs_schema)]
     pub poll_secs: f64,
     /// Per-node timeout, seconds (default 300).
     #[serde(default = "five_min")]
-    #[schema(minimum = 0, maximum = 86400)]
+    #[schema(schema_with = timeout_secs_schema)]
     pub timeout_secs: f64,
     /// Whether the release may be rolled back automatically (default true).
     #[serde(default = "yes")]
     pub rollback_safe: bool,
+}
+
+/// A number of seconds, 0 to 86,400, fractions allowed — without the `format: double`
+/// utoipa gives an `f64`: that format constrains nothing a JSON number can carry, and
+/// schemathesis, asked to break it, drops it and may send a value that is valid (then
+/// reports the 201 as a schema-violating request accepted).
+fn seconds_schema(description: &str) -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Number)
+        .minimum(Some(0))
+        .maximum(Some(86_400))
+        .description(Some(description))
+        .build()
+}
+
+fn poll_secs_schema() -> utoipa::openapi::schema::Object {
+    seconds_schema("Poll interval, seconds (default 10).")
+}
+
+fn timeout_secs_schema() -> utoipa::openapi::schema::Object {
+    seconds_schema("Per-node timeout, seconds (default 300).")
 }
 
 fn default_env() -> String {
