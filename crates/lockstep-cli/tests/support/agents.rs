@@ -129,12 +129,26 @@ impl Drop for AgentProc {
     }
 }
 
+/// A port for a worker, never handed out twice in this process and below the kernel's
+/// ephemeral range. Why: a port taken from `127.0.0.1:0` and released can be handed out
+/// again while a worker restarts; then two fleets' workers share a port, and one node's
+/// health check is answered by another test's healthy worker (a sick node "passed").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + std::process::id() % 8_000,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(20_000 + p % 12_000).expect("port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A release tree: the worker, its VERSION, `healthy` unless told otherwise, an executable
