@@ -136,15 +136,10 @@ impl Drop for AgentProc {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + std::process::id() % 8_000,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
     loop {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = u16::try_from(20_000 + p % 12_000).expect("port");
+        // Offset by the pid: test processes that run one after another start apart.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id();
+        let port = u16::try_from(20_000 + n % 12_000).expect("port");
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
