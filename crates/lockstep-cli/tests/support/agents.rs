@@ -33,14 +33,20 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer.allow_reuse_address = True
 srv = http.server.HTTPServer(('127.0.0.1', port), H)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
-# Exit with the agent, even when it was killed with SIGKILL.
-while os.getppid() == parent: time.sleep(0.05)
+# Exit with the agent, even when it was killed with SIGKILL — also when that happened
+# before this line ran (then the parent is already whoever adopts orphans).
+def agent_alive():
+    try: return os.getppid() == parent and open('/proc/%d/comm' % parent).read().strip() == 'lockstep'
+    except OSError: return False
+while agent_alive(): time.sleep(0.05)
 "#;
 
 pub struct AgentProc {
     pub child: Child,
     pub url: String,
     pub stderr: Arc<Mutex<String>>,
+    /// The thread copying standard error; done once every writer of it has exited.
+    pump: std::thread::JoinHandle<()>,
 }
 
 impl AgentProc {
@@ -63,7 +69,7 @@ impl AgentProc {
         }
         let mut child = cmd.spawn().expect("spawn lockstep agent");
         let stderr = Arc::new(Mutex::new(String::new()));
-        lockstep_testkit::pump(child.stderr.take().expect("stderr"), stderr.clone());
+        let pump = lockstep_testkit::pump(child.stderr.take().expect("stderr"), stderr.clone());
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -81,6 +87,7 @@ impl AgentProc {
             url: url.to_string(),
             child,
             stderr,
+            pump,
         }
     }
 
@@ -112,6 +119,14 @@ impl AgentProc {
     pub fn wait_dead(&mut self) -> Option<i32> {
         for _ in 0..1500 {
             if let Ok(Some(st)) = self.child.try_wait() {
+                // Its last lines may still be in the pipe: wait for the copy to reach
+                // the end (the worker it supervised holds the pipe too, for ≤ 50 ms).
+                for _ in 0..250 {
+                    if self.pump.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 return st.signal();
             }
             std::thread::sleep(Duration::from_millis(20));
