@@ -67,6 +67,9 @@ nginx -c "$WORK/nginx.conf" & NGINX_MASTER=$!; PIDS+=($NGINX_MASTER)
 sleep 0.3
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -n1)
 NAMES+=("nginx proxy_pass (1 worker process, access_log off)"); URLS+=("http://127.0.0.1:$NGINX_PORT"); PROCS+=("$NGINX_WORKER")
+# One untimed second each first: the first column measured used to pay for warming up
+# (connections, pools, allocator arenas) in round 1.
+for u in "${URLS[@]}"; do wrk -t1 -c64 -d1s "$u/whoami" >/dev/null; done
 TICK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 declare -A SUM_US SUM_RPS

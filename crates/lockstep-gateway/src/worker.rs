@@ -200,11 +200,7 @@ fn serve(
     let svc = hyper::service::service_fn(move |req| {
         let sh = sh1.clone();
         let peer = peer.clone();
-        let f =
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, &peer).await) };
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| eprintln!("SIZE handle future {}", std::mem::size_of_val(&f)));
-        f
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(sh, req, &peer).await) }
     });
     // Head and body copied into one buffer and sent with one `write`, rather than a
     // `writev` of several pieces: for the small answers a proxy mostly relays, about 1 µs
