@@ -380,22 +380,7 @@ mod tests {
     fn instance(id: &str, version_id: &str, status: Status) -> InstanceStatus {
         let now = OffsetDateTime::UNIX_EPOCH;
         InstanceStatus {
-            instance: Instance {
-                instance_id: id.into(),
-                env: "production".into(),
-                service: "api".into(),
-                version_id: version_id.into(),
-                git_sha: None,
-                build_date: None,
-                components: Default::default(),
-                host: None,
-                pid: None,
-                started_at: None,
-                first_seen: now,
-                last_seen: now,
-                endpoint: None,
-                health: None,
-            },
+            instance: Instance::new(id, "production", "api", version_id, now),
             status,
             drift_secs: 0,
             rollout: None,

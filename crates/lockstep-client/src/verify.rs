@@ -227,20 +227,8 @@ mod tests {
         let now = OffsetDateTime::UNIX_EPOCH;
         InstanceStatus {
             instance: Instance {
-                instance_id: id.into(),
-                env: "production".into(),
-                service: "api".into(),
-                version_id: version_id.into(),
                 git_sha: git_sha.map(str::to_string),
-                build_date: None,
-                components: Default::default(),
-                host: None,
-                pid: None,
-                started_at: None,
-                first_seen: now,
-                last_seen: now,
-                endpoint: None,
-                health: None,
+                ..Instance::new(id, "production", "api", version_id, now)
             },
             status,
             drift_secs: 0,

@@ -62,6 +62,36 @@ pub struct Instance {
     pub health: Option<String>,
 }
 
+impl Instance {
+    /// An instance known only by its names, first and last seen at `seen`; everything it
+    /// may also report (commit, host, pid, endpoint, …) is left empty, to be set with
+    /// struct-update syntax.
+    pub fn new(
+        instance_id: impl Into<String>,
+        env: impl Into<String>,
+        service: impl Into<String>,
+        version_id: impl Into<String>,
+        seen: OffsetDateTime,
+    ) -> Instance {
+        Instance {
+            instance_id: instance_id.into(),
+            env: env.into(),
+            service: service.into(),
+            version_id: version_id.into(),
+            git_sha: None,
+            build_date: None,
+            components: BTreeMap::new(),
+            host: None,
+            pid: None,
+            started_at: None,
+            first_seen: seen,
+            last_seen: seen,
+            endpoint: None,
+            health: None,
+        }
+    }
+}
+
 /// How an instance stands against its service's expected release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -199,20 +229,14 @@ mod tests {
 
     fn inst() -> Instance {
         Instance {
-            instance_id: "i".into(),
-            env: "production".into(),
-            service: "s".into(),
-            version_id: "v1".into(),
-            git_sha: None,
-            build_date: None,
-            components: BTreeMap::new(),
-            host: None,
-            pid: None,
-            started_at: None,
             first_seen: datetime!(2026-11-01 10:00 UTC),
-            last_seen: datetime!(2026-11-01 10:05 UTC),
-            endpoint: None,
-            health: None,
+            ..Instance::new(
+                "i",
+                "production",
+                "s",
+                "v1",
+                datetime!(2026-11-01 10:05 UTC),
+            )
         }
     }
 

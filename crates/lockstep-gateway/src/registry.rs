@@ -512,20 +512,8 @@ mod tests {
         let now = time::OffsetDateTime::now_utc();
         InstanceStatus {
             instance: Instance {
-                instance_id: id.into(),
-                env: "production".into(),
-                service: svc.into(),
-                version_id: version.into(),
-                git_sha: None,
-                build_date: None,
-                components: Default::default(),
-                host: None,
-                pid: None,
-                started_at: None,
-                first_seen: now,
-                last_seen: now,
                 endpoint: Some(format!("http://{id}.local:80/")),
-                health: None,
+                ..Instance::new(id, "production", svc, version, now)
             },
             status,
             drift_secs: 0,

@@ -281,22 +281,7 @@ mod tests {
     async fn calls_for_other_environments_queue_nothing() {
         let mirror = Mirror::start(config("redis://127.0.0.1:1", "lockstep")).expect("start");
         let now = time::OffsetDateTime::now_utc();
-        let staging = Instance {
-            instance_id: "i1".into(),
-            env: "staging".into(),
-            service: "api".into(),
-            version_id: "v1".into(),
-            git_sha: None,
-            build_date: None,
-            components: Default::default(),
-            host: None,
-            pid: None,
-            started_at: None,
-            first_seen: now,
-            last_seen: now,
-            endpoint: None,
-            health: None,
-        };
+        let staging = Instance::new("i1", "staging", "api", "v1", now);
         mirror.upsert(&staging, Duration::from_secs(30));
         mirror.remove(&staging);
         assert_eq!(mirror.stats().pending, 0);

@@ -498,20 +498,10 @@ mod tests {
         let last_seen = NOW - time::Duration::seconds(secs_ago);
         Seen::new(
             &Instance {
-                instance_id: id.into(),
-                env: "production".into(),
-                service: service.into(),
-                version_id: "v1".into(),
                 git_sha: Some(format!("sha-{id}")),
-                build_date: None,
-                components: BTreeMap::new(),
-                host: None,
                 pid: Some(42),
-                started_at: None,
                 first_seen: last_seen - time::Duration::minutes(5),
-                last_seen,
-                endpoint: None,
-                health: None,
+                ..Instance::new(id, "production", service, "v1", last_seen)
             },
             TTL,
         )

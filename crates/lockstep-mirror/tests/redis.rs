@@ -57,20 +57,20 @@ fn start(url: &str, prefix: &str) -> Mirror {
 fn instance(service: &str, id: &str, secs_ago: i64) -> Instance {
     let now = OffsetDateTime::now_utc();
     Instance {
-        instance_id: id.into(),
-        env: "production".into(),
-        service: service.into(),
-        version_id: "v-2025-06-01".into(),
         git_sha: Some(format!("sha-{service}-{id}")),
         build_date: Some(datetime!(2025-06-01 10:00:00 UTC)),
-        components: BTreeMap::new(),
         host: Some("host-1".into()),
         pid: Some(1000 + id.bytes().map(u32::from).sum::<u32>()),
         started_at: Some(datetime!(2025-06-01 11:00:00 UTC)),
         first_seen: now - time::Duration::minutes(10),
-        last_seen: now - time::Duration::seconds(secs_ago),
-        endpoint: None,
         health: Some("ok".into()),
+        ..Instance::new(
+            id,
+            "production",
+            service,
+            "v-2025-06-01",
+            now - time::Duration::seconds(secs_ago),
+        )
     }
 }
 

@@ -41,20 +41,11 @@ fn instance(id: &str, version: &str) -> Instance {
         .replace_nanosecond(0)
         .unwrap_or(datetime!(2026-01-01 0:00 UTC));
     Instance {
-        instance_id: id.into(),
-        env: "production".into(),
-        service: "svc".into(),
-        version_id: version.into(),
         git_sha: Some("abc".into()),
-        build_date: None,
-        components: BTreeMap::new(),
         host: Some("h".into()),
         pid: Some(42),
         started_at: Some(now),
-        first_seen: now,
-        last_seen: now,
-        endpoint: None,
-        health: None,
+        ..Instance::new(id, "production", "svc", version, now)
     }
 }
 

@@ -236,20 +236,8 @@ mod tests {
 
     fn inst(id: &str, svc: &str, version: &str, last_seen: OffsetDateTime) -> Instance {
         let mut i = Instance {
-            instance_id: id.into(),
-            env: "production".into(),
-            service: svc.into(),
-            version_id: version.into(),
-            git_sha: None,
-            build_date: None,
-            components: BTreeMap::new(),
-            host: None,
-            pid: None,
-            started_at: None,
             first_seen: last_seen - time::Duration::minutes(5),
-            last_seen,
-            endpoint: None,
-            health: None,
+            ..Instance::new(id, "production", svc, version, last_seen)
         };
         if id.ends_with("-c") {
             i.components.insert("api".into(), "2".into());

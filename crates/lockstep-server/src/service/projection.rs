@@ -727,23 +727,13 @@ mod tests {
     use super::*;
 
     fn instance(id: &str, version: &str) -> Instance {
-        let now = time::OffsetDateTime::now_utc();
-        Instance {
-            instance_id: id.into(),
-            env: "production".into(),
-            service: "api".into(),
-            version_id: version.into(),
-            git_sha: None,
-            build_date: None,
-            components: Default::default(),
-            host: None,
-            pid: None,
-            started_at: None,
-            first_seen: now,
-            last_seen: now,
-            endpoint: None,
-            health: None,
-        }
+        Instance::new(
+            id,
+            "production",
+            "api",
+            version,
+            time::OffsetDateTime::now_utc(),
+        )
     }
 
     fn beat(p: &Projection, id: &str, version: &str) {
