@@ -675,16 +675,10 @@ impl RegistryService {
                 initial_step: step_json(&NodeStep::Pending),
             })
             .await?;
+        let data = serde_json::json!({"previous_version_id": r.previous_version_id,
+            "settings": r.settings});
         self.store
-            .append_event(NewEvent {
-                kind: "rollout_started".into(),
-                env: Some(r.env.clone()),
-                service: Some(r.service.clone()),
-                actor: Some(actor.into()),
-                reason: None,
-                data: serde_json::json!({"rollout_id": r.id, "version_id": r.version_id,
-                    "previous_version_id": r.previous_version_id, "settings": r.settings}),
-            })
+            .append_event(operator_event(&r, "rollout_started", actor, data))
             .await?;
         tracing::info!(rollout = r.id, env = %r.env, service = %r.service,
             version = %short_id(&r.version_id), actor, "rollout started");
@@ -779,14 +773,12 @@ impl RegistryService {
             )));
         }
         self.store
-            .append_event(NewEvent {
-                kind: "rollout_abort_requested".into(),
-                env: Some(r.env.clone()),
-                service: Some(r.service.clone()),
-                actor: Some(actor.into()),
-                reason: None,
-                data: abort_data(id, how, false),
-            })
+            .append_event(operator_event(
+                &r,
+                "rollout_abort_requested",
+                actor,
+                abort_data(how, false),
+            ))
             .await?;
         tracing::info!(rollout = id, request = %request_name(how), actor, "rollout stop requested");
         self.rollouts.wake();
@@ -848,14 +840,12 @@ impl RegistryService {
             return Ok(None);
         }
         self.store
-            .append_event(NewEvent {
-                kind: "rollout_abort_requested".into(),
-                env: Some(r.env.clone()),
-                service: Some(r.service.clone()),
-                actor: Some(actor.into()),
-                reason: None,
-                data: abort_data(r.id, how, true),
-            })
+            .append_event(operator_event(
+                &r,
+                "rollout_abort_requested",
+                actor,
+                abort_data(how, true),
+            ))
             .await?;
         tracing::warn!(
             rollout = r.id,
@@ -921,14 +911,12 @@ impl RegistryService {
             return Ok(None);
         }
         self.store
-            .append_event(NewEvent {
-                kind: "rollout_retried".into(),
-                env: Some(r.env.clone()),
-                service: Some(r.service.clone()),
-                actor: Some(actor.into()),
-                reason: None,
-                data: serde_json::json!({"rollout_id": id}),
-            })
+            .append_event(operator_event(
+                &r,
+                "rollout_retried",
+                actor,
+                serde_json::json!({}),
+            ))
             .await?;
         self.rollouts.wake();
         self.rollout_view(id).await
@@ -981,13 +969,13 @@ pub async fn run(svc: Arc<RegistryService>, mut shutdown: watch::Receiver<bool>)
 type Done = ();
 
 /// The data of a `rollout_abort_requested` event.
-fn abort_data(id: i64, how: Stop, after_completion: bool) -> serde_json::Value {
+fn abort_data(how: Stop, after_completion: bool) -> serde_json::Value {
     let (emergency, keep, concurrency) = match how {
         Stop::Abort => (false, false, None),
         Stop::Keep => (false, true, None),
         Stop::Emergency { concurrency } => (true, false, concurrency),
     };
-    serde_json::json!({"rollout_id": id, "emergency": emergency, "keep": keep,
+    serde_json::json!({"emergency": emergency, "keep": keep,
         "concurrency": concurrency, "after_completion": after_completion})
 }
 
@@ -997,30 +985,33 @@ fn event(
     node: &lockstep_store::RolloutNode,
     extra: serde_json::Value,
 ) -> NewEvent {
-    let mut data = serde_json::json!({
-        "rollout_id": r.id,
-        "node": node.instance_id,
-        "endpoint": node.endpoint,
-        "version_id": r.version_id,
-    });
+    let mut ev = rollout_event(
+        r,
+        kind,
+        serde_json::json!({"node": node.instance_id, "endpoint": node.endpoint}),
+    );
+    merge(&mut ev.data, extra);
+    ev
+}
+
+/// An operator's request about rollout `r` (start, stop, retry), as an event by `actor`.
+fn operator_event(r: &Rollout, kind: &str, actor: &str, extra: serde_json::Value) -> NewEvent {
+    NewEvent {
+        actor: Some(actor.into()),
+        ..rollout_event(r, kind, extra)
+    }
+}
+
+/// `extra`'s fields added to the object `data`.
+fn merge(data: &mut serde_json::Value, extra: serde_json::Value) {
     if let (Some(o), serde_json::Value::Object(x)) = (data.as_object_mut(), extra) {
         o.extend(x);
-    }
-    NewEvent {
-        kind: kind.into(),
-        env: Some(r.env.clone()),
-        service: Some(r.service.clone()),
-        actor: None,
-        reason: None,
-        data,
     }
 }
 
 fn rollout_event(r: &Rollout, kind: &str, extra: serde_json::Value) -> NewEvent {
     let mut data = serde_json::json!({"rollout_id": r.id, "version_id": r.version_id});
-    if let (Some(o), serde_json::Value::Object(x)) = (data.as_object_mut(), extra) {
-        o.extend(x);
-    }
+    merge(&mut data, extra);
     NewEvent {
         kind: kind.into(),
         env: Some(r.env.clone()),
