@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod config;
 mod error;
+mod h1;
 pub mod limit;
 mod metrics;
 pub mod proxy;

@@ -19,6 +19,7 @@
 
 use crate::auth::{self, Decision, Identity, LEVEL_HEADER, USER_HEADER};
 use crate::config::{Compiled, Fallback};
+use crate::h1;
 use crate::limit::{Rate, Verdict, headline};
 use crate::route::{Route, normalize_host};
 use crate::upstream::{Member, ReleaseChoice, seed};
@@ -161,16 +162,79 @@ pub(crate) async fn outgoing(
     }
 }
 
-/// A streamed answer: the first frame (already awaited under the deadline), then the
-/// upstream's body with an idle timeout between frames.
+/// The pause allowed between two frames of an upstream's body: a timer armed only when
+/// the upstream makes the proxy wait, so a body that is already there costs none.
+struct IdleGuard {
+    idle: std::time::Duration,
+    last: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleGuard {
+    fn new(idle: std::time::Duration) -> IdleGuard {
+        IdleGuard {
+            idle,
+            last: tokio::time::Instant::now(),
+            timer: None,
+        }
+    }
+
+    /// A frame arrived.
+    fn progressed(&mut self) {
+        if self.timer.is_some() {
+            self.last = tokio::time::Instant::now();
+        }
+    }
+
+    /// The upstream made us wait: `Ready` once it has been silent for too long (then it is
+    /// logged and counted, and the caller aborts the body).
+    fn poll_expired(
+        &mut self,
+        cx: &mut Context<'_>,
+        sh: &Shared,
+        member: &Member,
+    ) -> Poll<BoxError> {
+        loop {
+            if self.timer.is_none() {
+                self.last = tokio::time::Instant::now();
+            }
+            let deadline = self.last + self.idle;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            ready!(timer.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= self.last + self.idle {
+                sh.metrics.upstream_error("idle");
+                tracing::warn!(instance = %member.instance_id, idle_ms = self.idle.as_millis() as u64,
+                    "upstream stalled mid-body; connection aborted");
+                return Poll::Ready("upstream stalled mid-body".into());
+            }
+        }
+    }
+}
+
+/// The size hint of a body whose first frame is in hand before the rest.
+fn hint_with_first(first: Option<u64>, rest: SizeHint) -> SizeHint {
+    let Some(n) = first else {
+        return rest;
+    };
+    let mut h = SizeHint::new();
+    h.set_lower(rest.lower() + n);
+    if let Some(u) = rest.upper() {
+        h.set_upper(u + n);
+    }
+    h
+}
+
+/// A streamed answer through hyper's client: the first frame (already awaited under the
+/// deadline), then the upstream's body with an idle timeout between frames.
 struct Streamed {
     first: Option<Frame<Bytes>>,
     inner: Incoming,
-    idle: std::time::Duration,
-    last: tokio::time::Instant,
-    /// Armed only when the upstream makes us wait: a body that is already there costs no
-    /// timer.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: IdleGuard,
     sh: Arc<Shared>,
     member: Arc<Member>,
     /// The upstream connection, back to the pool once the body has been read to the end.
@@ -205,9 +269,7 @@ impl hyper::body::Body for Streamed {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
-                if this.timer.is_some() {
-                    this.last = tokio::time::Instant::now();
-                }
+                this.idle.progressed();
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
@@ -215,25 +277,10 @@ impl hyper::body::Body for Streamed {
                 this.done();
                 Poll::Ready(None)
             }
-            Poll::Pending => loop {
-                if this.timer.is_none() {
-                    this.last = tokio::time::Instant::now();
-                }
-                let deadline = this.last + this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                ready!(timer.as_mut().poll(cx));
-                if tokio::time::Instant::now() >= this.last + this.idle {
-                    this.sh.metrics.upstream_error("idle");
-                    tracing::warn!(instance = %this.member.instance_id, idle_ms = this.idle.as_millis() as u64,
-                        "upstream stalled mid-body; connection aborted");
-                    return Poll::Ready(Some(Err("upstream stalled mid-body".into())));
-                }
-            },
+            Poll::Pending => {
+                let e = ready!(this.idle.poll_expired(cx, &this.sh, &this.member));
+                Poll::Ready(Some(Err(e)))
+            }
         }
     }
 
@@ -242,21 +289,76 @@ impl hyper::body::Body for Streamed {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let Some(n) = self
+        let first = self
             .first
             .as_ref()
             .and_then(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-        else {
-            return inner;
-        };
-        let mut h = SizeHint::new();
-        h.set_lower(inner.lower() + n);
-        if let Some(u) = inner.upper() {
-            h.set_upper(u + n);
+            .map(|d| d.len() as u64);
+        hint_with_first(first, self.inner.size_hint())
+    }
+}
+
+/// A streamed answer read by [`crate::h1`]: the first piece (awaited under the deadline),
+/// then the rest off the connection with an idle timeout between reads; the connection
+/// goes back to this thread's pool when the body has been read to its end.
+struct RawStreamed {
+    first: Option<Bytes>,
+    reader: h1::Reader,
+    conn: Option<h1::RawConn>,
+    keep_alive: bool,
+    idle: IdleGuard,
+    sh: Arc<Shared>,
+    member: Arc<Member>,
+}
+
+impl hyper::body::Body for RawStreamed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(d) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
         }
-        h
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match this.reader.poll_next(conn, cx) {
+            Poll::Ready(Ok(Some(d))) => {
+                this.idle.progressed();
+                Poll::Ready(Some(Ok(Frame::data(d))))
+            }
+            Poll::Ready(Ok(None)) => {
+                if let Some(c) = this.conn.take().filter(|_| this.keep_alive) {
+                    crate::worker::checkin_raw(&this.member.endpoint, c, this.sh.pool_per_host);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(e.to_string().into())))
+            }
+            Poll::Pending => {
+                let e = ready!(this.idle.poll_expired(cx, &this.sh, &this.member));
+                this.conn = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && (self.conn.is_none() || self.reader.is_done())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = match self.reader.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::new(),
+        };
+        hint_with_first(self.first.as_ref().map(|d| d.len() as u64), rest)
     }
 }
 
@@ -1000,6 +1102,23 @@ pub(crate) async fn send(
             member.endpoint
         )));
     };
+    // One timer for both waits (the head, then the first frame), armed only if one of
+    // them has to wait at all.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    let body = match body {
+        ReqBody::Bytes(b) => {
+            let target = if base.is_empty() {
+                std::borrow::Cow::Borrowed(path)
+            } else {
+                std::borrow::Cow::Owned(format!("{base}{path}"))
+            };
+            let request = h1::encode_request(method, &target, authority, &headers, b.as_ref())
+                .map_err(|e| ForwardError::Protocol(e.to_string()))?;
+            return send_raw(sh, cfg, member, method, authority, &request, timer).await;
+        }
+        b => b,
+    };
     // Origin form (`/path?query`) with the instance as `Host`, as a pooling client sends.
     let uri = if base.is_empty() {
         http::Uri::try_from(path)
@@ -1017,10 +1136,6 @@ pub(crate) async fn send(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     req.headers_mut().insert(http::header::HOST, host);
-    // One timer for both waits (the head, then the first frame), armed only if one of
-    // them has to wait at all.
-    let timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(timer);
     let sent = crate::worker::send(&member.endpoint, authority, req);
     let (resp, conn) = match before(timer.as_mut(), sent).await {
         None => return Err(ForwardError::Timeout),
@@ -1059,14 +1174,110 @@ pub(crate) async fn send(
     let body = Streamed {
         first,
         inner: rbody,
-        idle: cfg.idle_timeout,
-        last: tokio::time::Instant::now(),
-        timer: None,
+        idle: IdleGuard::new(cfg.idle_timeout),
         sh: sh.clone(),
         member: member.clone(),
         conn: Some(conn),
     };
     Ok(Response::from_parts(rparts, BodyExt::boxed(body)))
+}
+
+/// The head of an answer from `endpoint` to `request` (already encoded), on a pooled
+/// [`h1::RawConn`] of this thread or a new one. A pooled connection that turns out closed
+/// before any answer is replaced when the request may be sent again; otherwise, as for a
+/// new connection, that is a reset.
+async fn raw_head(
+    endpoint: &str,
+    authority: &str,
+    method: &Method,
+    request: &[u8],
+) -> Result<(h1::Head, h1::RawConn), ForwardError> {
+    let resend = idempotent(method);
+    loop {
+        let (mut conn, reused) = match crate::worker::checkout_raw(endpoint, !resend) {
+            Some(c) => (c, true),
+            // Boxed: connecting is rare (connections are pooled), and its future is big.
+            None => match Box::pin(tokio::time::timeout(
+                crate::worker::CONNECT_TIMEOUT,
+                h1::RawConn::connect(authority),
+            ))
+            .await
+            {
+                Ok(Ok(c)) => (c, false),
+                Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
+                Err(_) => return Err(ForwardError::Connect("connect timed out".into())),
+            },
+        };
+        match h1::exchange(&mut conn, request, method).await {
+            Ok(head) => return Ok((head, conn)),
+            Err(h1::Error::NotSent(_)) if reused => continue,
+            Err(h1::Error::NoAnswer(_)) if reused && resend => continue,
+            // Nothing left on a new connection: as good as not connected.
+            Err(h1::Error::NotSent(e)) => return Err(ForwardError::Connect(e)),
+            Err(h1::Error::NoAnswer(e)) => return Err(ForwardError::Reset(e)),
+            Err(e @ h1::Error::Protocol(_)) => return Err(ForwardError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// [`send`] for a body in hand: the exchange by [`h1`], the answer's head and first piece
+/// under the deadline, the rest streamed with an idle timeout.
+async fn send_raw(
+    sh: &Arc<Shared>,
+    cfg: &Compiled,
+    member: &Arc<Member>,
+    method: &Method,
+    authority: &str,
+    request: &[u8],
+    mut timer: Pin<&mut tokio::time::Sleep>,
+) -> Result<Response<Body>, ForwardError> {
+    let (head, mut conn) = match before(
+        timer.as_mut(),
+        raw_head(&member.endpoint, authority, method, request),
+    )
+    .await
+    {
+        None => return Err(ForwardError::Timeout),
+        Some(r) => r?,
+    };
+    let h1::Head {
+        status,
+        mut headers,
+        framing,
+        keep_alive,
+    } = head;
+    strip_hop_by_hop(&mut headers);
+    let mut reader = h1::Reader::new(framing);
+    let first = if reader.is_done() {
+        None
+    } else {
+        match before(timer.as_mut(), reader.next(&mut conn)).await {
+            None => return Err(ForwardError::Timeout),
+            Some(Err(e)) => return Err(ForwardError::Protocol(e.to_string())),
+            Some(Ok(d)) => d,
+        }
+    };
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if reader.is_done() {
+        // The whole answer in hand (the common small answer): its exact length, no
+        // streaming wrapper, and the connection free for the next request at once.
+        if keep_alive {
+            crate::worker::checkin_raw(&member.endpoint, conn, sh.pool_per_host);
+        }
+        return Ok(resp.map(|()| full(first.unwrap_or_default())));
+    }
+    let body = RawStreamed {
+        first,
+        reader,
+        conn: Some(conn),
+        keep_alive,
+        idle: IdleGuard::new(cfg.idle_timeout),
+        sh: sh.clone(),
+        member: member.clone(),
+    };
+    Ok(resp.map(|()| BodyExt::boxed(body)))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! `Pool::select`, on any thread: the pool only keeps connections per endpoint.
 
 use crate::Shared;
+use crate::h1::RawConn;
 use crate::proxy::{self, ReqBody};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -164,7 +165,11 @@ fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
         }
     });
     // The pooled upstream connections belong to this runtime: close them with it.
-    POOL.with(|p| p.borrow_mut().idle.clear());
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.idle.clear();
+        p.raw.clear();
+    });
     drop(rt);
 }
 
@@ -222,17 +227,19 @@ fn serve(
 /// How long an idle upstream connection is kept.
 const IDLE_FOR: Duration = Duration::from_secs(30);
 /// How long connecting to an instance may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Idle {
     tx: http1::SendRequest<ReqBody>,
     since: Instant,
 }
 
-/// This thread's idle keep-alive connections, by endpoint.
+/// This thread's idle keep-alive connections, by endpoint: hyper's (for streamed request
+/// bodies) and [`crate::h1`]'s (for everything else).
 #[derive(Default)]
 struct Pool {
     idle: HashMap<String, Vec<Idle>>,
+    raw: HashMap<String, Vec<(RawConn, Instant)>>,
 }
 
 /// Closes this thread's connections that idled out, forgets closed ones and endpoints
@@ -241,6 +248,10 @@ fn sweep() {
     POOL.with(|p| {
         p.borrow_mut().idle.retain(|_, v| {
             v.retain(|i| !i.tx.is_closed() && i.since.elapsed() < IDLE_FOR);
+            !v.is_empty()
+        });
+        p.borrow_mut().raw.retain(|_, v| {
+            v.retain(|(_, since)| since.elapsed() < IDLE_FOR);
             !v.is_empty()
         });
     });
@@ -308,6 +319,40 @@ pub(crate) fn checkin(endpoint: &str, conn: Conn, max: usize) {
                 tx: conn.tx,
                 since: Instant::now(),
             });
+        }
+    });
+}
+
+/// An idle [`RawConn`] to `endpoint` from this thread's pool. With `probe`, one that the
+/// instance has closed in the meantime is noticed now (one non-blocking read) rather than
+/// when the request has gone out — for requests that may not be sent twice.
+pub(crate) fn checkout_raw(endpoint: &str, probe: bool) -> Option<RawConn> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.raw.get_mut(endpoint)?;
+        while let Some((mut c, since)) = idle.pop() {
+            if since.elapsed() < IDLE_FOR && (!probe || c.idle_ok()) {
+                return Some(c);
+            }
+        }
+        None
+    })
+}
+
+/// Puts a [`RawConn`] whose last answer was read to the end back into this thread's pool
+/// (at most `max` per endpoint).
+pub(crate) fn checkin_raw(endpoint: &str, conn: RawConn, max: usize) {
+    if !conn.is_clean() {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = match p.raw.get_mut(endpoint) {
+            Some(v) => v,
+            None => p.raw.entry(endpoint.to_string()).or_default(),
+        };
+        if idle.len() < max {
+            idle.push((conn, Instant::now()));
         }
     });
 }

@@ -1084,3 +1084,170 @@ async fn server_sent_events_arrive_one_by_one_before_the_upstream_ends() {
         "the third event waited for the end of the response: {at:?}, end {ended:?}"
     );
 }
+
+/// A hand-written HTTP/1.1 upstream: answers by path in each framing an instance may use,
+/// counts the connections it accepted, and closes a connection after `/then-close` without
+/// saying so (as an instance whose keep-alive timeout ran out would).
+async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[end + 4..end + 4 + length].to_vec();
+                    buf.drain(..end + 4 + length);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer: Vec<u8> = match path.as_str() {
+                        "/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+                        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\ntrailer-a: 1\r\n\r\n".to_vec(),
+                        "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                        "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
+                        "/then-close" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
+                        "/echo" => {
+                            let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                            a.extend_from_slice(&body);
+                            a
+                        }
+                        _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                    };
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                    if path == "/close" || path == "/then-close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_leg_reads_every_framing_and_keeps_connections_alive() {
+    use std::sync::atomic::Ordering;
+    let reg = InProcessRegistry::start().await;
+    let vt = reg.token("gateway", Role::Viewer).await;
+    let (upstream, accepted) = raw_upstream().await;
+    let gw = gateway(&config(
+        &reg,
+        &vt,
+        &format!("[fallback]\nupstream = \"{upstream}\"\n"),
+    ))
+    .await;
+    // One client connection: it stays on one worker thread, and so on one upstream pool.
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let get = |path: &str| {
+        let c = c.clone();
+        let url = format!("{}{path}", gw.url);
+        async move {
+            let r = c.get(url).send().await.expect("send");
+            let status = r.status().as_u16();
+            let length = r.headers().get("content-length").cloned();
+            (status, length, r.text().await.expect("body"))
+        }
+    };
+    for _ in 0..5 {
+        let (status, length, body) = get("/length").await;
+        assert_eq!((status, body.as_str()), (200, "hello"));
+        assert_eq!(length.as_ref().map(|v| v.as_bytes()), Some(&b"5"[..]));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "five answers with a length, one upstream connection"
+    );
+    let (status, _, body) = get("/chunked").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello world"),
+        "chunked decoded, trailers dropped"
+    );
+    let (status, _, body) = get("/continue").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "interim answer skipped"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "still the same connection"
+    );
+    let (status, _, body) = get("/close").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "until the end"),
+        "body until the connection closed"
+    );
+    // The instance closes a pooled connection without a word: the next request, idempotent
+    // or not, goes out on a new connection and is answered.
+    let (status, _, body) = get("/then-close").await;
+    assert_eq!((status, body.as_str()), (200, "bye"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, _, body) = get("/length").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello"),
+        "GET after a silent close"
+    );
+    get("/then-close").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = c
+        .post(format!("{}/echo", gw.url))
+        .body("posted once")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.expect("body"),
+        "posted once",
+        "POST after a silent close"
+    );
+    let r = c
+        .post(format!("{}/echo", gw.url))
+        .send()
+        .await
+        .expect("empty post");
+    assert_eq!(
+        (r.status().as_u16(), r.text().await.expect("body")),
+        (200, String::new())
+    );
+}
