@@ -1135,6 +1135,8 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                         "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
                         "/then-close" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
+                        "/garbage" => b"SMTP ready\r\n\r\n".to_vec(),
+                        "/short" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
                         "/echo" => {
                             let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
                             a.extend_from_slice(&body);
@@ -1145,7 +1147,10 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
                     if s.write_all(&answer).await.is_err() {
                         return;
                     }
-                    if path == "/close" || path == "/then-close" {
+                    if matches!(
+                        path.as_str(),
+                        "/close" | "/then-close" | "/garbage" | "/short"
+                    ) {
                         return;
                     }
                 }
