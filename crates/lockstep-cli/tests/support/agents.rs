@@ -121,11 +121,20 @@ impl AgentProc {
             if let Ok(Some(st)) = self.child.try_wait() {
                 // Its last lines may still be in the pipe: wait for the copy to reach
                 // the end (the worker it supervised holds the pipe too, for ≤ 50 ms).
+                let mut copied = false;
                 for _ in 0..250 {
                     if self.pump.is_finished() {
+                        copied = true;
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
+                }
+                if !copied {
+                    // Not fatal here (the caller's assertions on the logs will tell), but a
+                    // test that then fails on a missing line should say why.
+                    eprintln!(
+                        "the agent's stderr was still open 5 s after it died: its last lines may be missing"
+                    );
                 }
                 return st.signal();
             }
