@@ -311,6 +311,15 @@ struct RawStreamed {
     member: Arc<Member>,
 }
 
+impl RawStreamed {
+    /// The body was read to its end: the connection back to this thread's pool.
+    fn release(&mut self) {
+        if let Some(c) = self.conn.take().filter(|_| self.keep_alive) {
+            crate::worker::checkin_raw(&self.member.endpoint, c, self.sh.pool_per_host);
+        }
+    }
+}
+
 impl hyper::body::Body for RawStreamed {
     type Data = Bytes;
     type Error = BoxError;
@@ -329,12 +338,15 @@ impl hyper::body::Body for RawStreamed {
         match this.reader.poll_next(conn, cx) {
             Poll::Ready(Ok(Some(d))) => {
                 this.idle.progressed();
+                // The last piece of a body with a length: hyper may not ask again (the body
+                // says it has ended), so the connection goes back now.
+                if this.reader.is_done() {
+                    this.release();
+                }
                 Poll::Ready(Some(Ok(Frame::data(d))))
             }
             Poll::Ready(Ok(None)) => {
-                if let Some(c) = this.conn.take().filter(|_| this.keep_alive) {
-                    crate::worker::checkin_raw(&this.member.endpoint, c, this.sh.pool_per_host);
-                }
+                this.release();
                 Poll::Ready(None)
             }
             Poll::Ready(Err(e)) => {
@@ -350,7 +362,7 @@ impl hyper::body::Body for RawStreamed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && (self.conn.is_none() || self.reader.is_done())
+        self.first.is_none() && self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

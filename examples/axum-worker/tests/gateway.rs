@@ -1135,6 +1135,12 @@ async fn raw_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsiz
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                         "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
                         "/then-close" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
+                        // Larger than one read: the answer is streamed, not handed over whole.
+                        "/big" => {
+                            let mut a = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+                            a.resize(a.len() + 100_000, b'x');
+                            a
+                        }
                         "/garbage" => b"SMTP ready\r\n\r\n".to_vec(),
                         "/short" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
                         "/echo" => {
@@ -1267,10 +1273,14 @@ async fn the_upstream_leg_reads_every_framing_and_keeps_connections_alive() {
     );
     let r = c.request("GET", "/continue", "").await.expect("/continue");
     assert_eq!((r.0, r.2.as_str()), (200, "ok"), "interim answer skipped");
+    for _ in 0..2 {
+        let r = c.request("GET", "/big", "").await.expect("/big");
+        assert_eq!((r.0, r.1, r.2.len()), (200, Some(100_000), 100_000));
+    }
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         1,
-        "still the same connection"
+        "still the same connection, after streamed answers too"
     );
     let r = c.request("GET", "/close", "").await.expect("/close");
     assert_eq!(
