@@ -29,6 +29,18 @@ const MAX_LINE: usize = 4 * 1024;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// A TCP connection to `authority` (`host:port`, or a host for port 80), without Nagle's
+/// delay: requests and answers go out whole, in one write each.
+pub(crate) async fn tcp_connect(authority: &str) -> io::Result<TcpStream> {
+    let stream = if authority.contains(':') && !authority.ends_with(']') {
+        TcpStream::connect(authority).await?
+    } else {
+        TcpStream::connect((authority.trim_matches(|c| c == '[' || c == ']'), 80)).await?
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// A keep-alive connection to one instance with what was read past the last answer.
 pub(crate) struct RawConn {
     stream: TcpStream,
@@ -38,14 +50,8 @@ pub(crate) struct RawConn {
 impl RawConn {
     /// Connects to `authority` (`host:port`, or a host for port 80).
     pub(crate) async fn connect(authority: &str) -> io::Result<RawConn> {
-        let stream = if authority.contains(':') && !authority.ends_with(']') {
-            TcpStream::connect(authority).await?
-        } else {
-            TcpStream::connect((authority.trim_matches(|c| c == '[' || c == ']'), 80)).await?
-        };
-        let _ = stream.set_nodelay(true);
         Ok(RawConn {
-            stream,
+            stream: tcp_connect(authority).await?,
             buf: BytesMut::new(),
         })
     }

@@ -165,11 +165,7 @@ fn run(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
         }
     });
     // The pooled upstream connections belong to this runtime: close them with it.
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        p.idle.clear();
-        p.raw.clear();
-    });
+    POOL.with(|p| *p.borrow_mut() = Pool::default());
     drop(rt);
 }
 
@@ -229,31 +225,64 @@ const IDLE_FOR: Duration = Duration::from_secs(30);
 /// How long connecting to an instance may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-struct Idle {
-    tx: http1::SendRequest<ReqBody>,
-    since: Instant,
+/// Idle keep-alive connections of one kind, by endpoint, each with when it was put back.
+struct Shelf<T>(HashMap<String, Vec<(T, Instant)>>);
+
+impl<T> Default for Shelf<T> {
+    fn default() -> Self {
+        Shelf(HashMap::new())
+    }
 }
 
-/// This thread's idle keep-alive connections, by endpoint: hyper's (for streamed request
-/// bodies) and [`crate::h1`]'s (for everything else).
+impl<T> Shelf<T> {
+    /// The most recently used connection to `endpoint` (the one least likely to have been
+    /// closed) that has not idled out and that `usable` accepts; the others are dropped.
+    fn take(&mut self, endpoint: &str, mut usable: impl FnMut(&mut T) -> bool) -> Option<T> {
+        let idle = self.0.get_mut(endpoint)?;
+        while let Some((mut c, since)) = idle.pop() {
+            if since.elapsed() < IDLE_FOR && usable(&mut c) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Puts `conn` back (at most `max` per endpoint).
+    fn put(&mut self, endpoint: &str, conn: T, max: usize) {
+        let idle = match self.0.get_mut(endpoint) {
+            Some(v) => v,
+            None => self.0.entry(endpoint.to_string()).or_default(),
+        };
+        if idle.len() < max {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Drops connections that idled out or that `open` says are closed, and endpoints
+    /// left with none.
+    fn sweep(&mut self, open: impl Fn(&T) -> bool) {
+        self.0.retain(|_, v| {
+            v.retain(|(c, since)| open(c) && since.elapsed() < IDLE_FOR);
+            !v.is_empty()
+        });
+    }
+}
+
+/// This thread's idle keep-alive connections: hyper's (for streamed request bodies) and
+/// [`crate::h1`]'s (for everything else).
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<String, Vec<Idle>>,
-    raw: HashMap<String, Vec<(RawConn, Instant)>>,
+    hyper: Shelf<http1::SendRequest<ReqBody>>,
+    raw: Shelf<RawConn>,
 }
 
 /// Closes this thread's connections that idled out, forgets closed ones and endpoints
 /// that are gone.
 fn sweep() {
     POOL.with(|p| {
-        p.borrow_mut().idle.retain(|_, v| {
-            v.retain(|i| !i.tx.is_closed() && i.since.elapsed() < IDLE_FOR);
-            !v.is_empty()
-        });
-        p.borrow_mut().raw.retain(|_, v| {
-            v.retain(|(_, since)| since.elapsed() < IDLE_FOR);
-            !v.is_empty()
-        });
+        let mut p = p.borrow_mut();
+        p.hyper.sweep(|tx| !tx.is_closed());
+        p.raw.sweep(|_| true);
     });
 }
 
@@ -286,85 +315,37 @@ pub(crate) fn split_endpoint(endpoint: &str) -> Option<(&str, &str)> {
 }
 
 fn checkout(endpoint: &str) -> Option<Conn> {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let idle = p.idle.get_mut(endpoint)?;
-        // Most recently used first: the one least likely to have been closed.
-        while let Some(i) = idle.pop() {
-            if !i.tx.is_closed() && i.since.elapsed() < IDLE_FOR {
-                return Some(Conn {
-                    tx: i.tx,
-                    reused: true,
-                });
-            }
-        }
-        None
-    })
+    POOL.with(|p| p.borrow_mut().hyper.take(endpoint, |tx| !tx.is_closed()))
+        .map(|tx| Conn { tx, reused: true })
 }
 
 /// Puts a connection whose last answer was read to the end back into this thread's pool
 /// (at most `max` per endpoint).
 pub(crate) fn checkin(endpoint: &str, conn: Conn, max: usize) {
-    if conn.tx.is_closed() {
-        return;
+    if !conn.tx.is_closed() {
+        POOL.with(|p| p.borrow_mut().hyper.put(endpoint, conn.tx, max));
     }
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let idle = match p.idle.get_mut(endpoint) {
-            Some(v) => v,
-            None => p.idle.entry(endpoint.to_string()).or_default(),
-        };
-        if idle.len() < max {
-            idle.push(Idle {
-                tx: conn.tx,
-                since: Instant::now(),
-            });
-        }
-    });
 }
 
 /// An idle [`RawConn`] to `endpoint` from this thread's pool. With `probe`, one that the
 /// instance has closed in the meantime is noticed now (one non-blocking read) rather than
 /// when the request has gone out — for requests that may not be sent twice.
 pub(crate) fn checkout_raw(endpoint: &str, probe: bool) -> Option<RawConn> {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let idle = p.raw.get_mut(endpoint)?;
-        while let Some((mut c, since)) = idle.pop() {
-            if since.elapsed() < IDLE_FOR && (!probe || c.idle_ok()) {
-                return Some(c);
-            }
-        }
-        None
-    })
+    POOL.with(|p| p.borrow_mut().raw.take(endpoint, |c| !probe || c.idle_ok()))
 }
 
 /// Puts a [`RawConn`] whose last answer was read to the end back into this thread's pool
 /// (at most `max` per endpoint).
 pub(crate) fn checkin_raw(endpoint: &str, conn: RawConn, max: usize) {
-    if !conn.is_clean() {
-        return;
+    if conn.is_clean() {
+        POOL.with(|p| p.borrow_mut().raw.put(endpoint, conn, max));
     }
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let idle = match p.raw.get_mut(endpoint) {
-            Some(v) => v,
-            None => p.raw.entry(endpoint.to_string()).or_default(),
-        };
-        if idle.len() < max {
-            idle.push((conn, Instant::now()));
-        }
-    });
 }
 
 async fn connect(authority: &str) -> Result<Conn, SendError> {
-    let connecting = if authority.contains(':') && !authority.ends_with(']') {
-        tokio::net::TcpStream::connect(authority).await
-    } else {
-        tokio::net::TcpStream::connect((authority.trim_matches(|c| c == '[' || c == ']'), 80)).await
-    };
-    let stream = connecting.map_err(|e| SendError::Connect(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
+    let stream = crate::h1::tcp_connect(authority)
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
     let (tx, conn) = http1::Builder::new()
         .writev(false) // as the client side's, see `serve`
         .handshake(TokioIo::new(stream))
